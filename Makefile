@@ -1,0 +1,66 @@
+# streamgate: `make run` starts the gateway on the bundled default model; `make test` runs every
+# test. Both do their own set-up (virtualenv, ONNX Runtime library, model conversion) and are
+# idempotent: a second call does no network work.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+CACHE    := .cache
+VENV     := .venv
+PY       := $(VENV)/bin/python
+ORT_LIB  := $(CACHE)/onnxruntime/libonnxruntime.so.1.31.1
+SMOLLM2  := $(CACHE)/models/smollm2-135m-instruct
+TINY     := models/tiny-llama
+PREP_PY  := $(wildcard scripts/model_prep/*.py)
+
+export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
+
+.PHONY: help setup venv ort model run test test-rust test-python lint fmt clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+setup: venv ort model ## virtualenv, ONNX Runtime library, default model (idempotent)
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: scripts/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
+	touch $@
+
+ort: $(ORT_LIB)
+$(ORT_LIB): scripts/pins.env
+	scripts/fetch_onnxruntime.sh
+
+model: $(SMOLLM2)/model.onnx
+$(SMOLLM2)/model.onnx: $(PREP_PY) scripts/prepare_smollm2.sh scripts/pins.env | $(VENV)/.installed
+	scripts/prepare_smollm2.sh $(PY) $(SMOLLM2)
+
+run: setup ## start the gateway on the default model (http://127.0.0.1:8000)
+	cargo run --release -p streamgate-gateway --bin streamgate -- --model v1=$(SMOLLM2)
+
+test: setup lint test-rust test-python ## every test: Rust (unit, route, end-to-end) and Python references
+
+lint: ## rustfmt and clippy (warnings are errors)
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+test-rust: setup
+	cargo build --quiet -p streamgate-inference --example reference_dump
+	@if cargo nextest --version >/dev/null 2>&1; then \
+	  cargo nextest run --workspace --no-fail-fast; \
+	else cargo test --workspace --no-fail-fast; fi
+
+test-python: setup
+	cargo build --quiet -p streamgate-inference --example reference_dump
+	$(PY) -m pytest tests/python -q
+
+tiny-model: venv ## regenerate the committed tiny test model (deterministic)
+	$(PY) scripts/model_prep/make_tiny_model.py $(TINY) --no-past-fixture models/fixtures/no-past
+
+fmt: ## format the Rust code
+	cargo fmt --all
+
+clean: ## remove build outputs and caches (models, venv, library)
+	rm -rf target $(CACHE) $(VENV)

@@ -1,0 +1,2 @@
+//! Placeholder; the load generator arrives with the benchmarks issue.
+fn main() {}

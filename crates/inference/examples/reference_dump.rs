@@ -1,0 +1,97 @@
+//! Prints what this crate computes for a model and prompt, as JSON, for the reference tests in
+//! tests/python/ to compare with ONNX Runtime's Python API, the `tokenizers` Python package and an
+//! independent numpy forward pass.
+//!
+//! Input (stdin, JSON): `{"model": DIR, "ort": LIB, "prompt": TEXT, "steps": N, "texts": [..], "threads": N}`
+//! Output (stdout, JSON): `{"prompt_ids", "first_logits", "greedy_ids", "finish_reason", "encodings"}`
+//!
+//! `first_logits` come from `DecoderModel::forward` on the prompt; `greedy_ids` from the full
+//! engine (queue, worker, sampler at temperature 0), i.e. the path the gateway uses.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use futures_util::StreamExt;
+use serde::Deserialize;
+use streamgate_inference::model::{DecoderModel, SessionOptions};
+use streamgate_inference::model_files::ModelFiles;
+use streamgate_inference::runtime::init_runtime;
+use streamgate_inference::tokenizer::TextTokenizer;
+use streamgate_inference::{
+    EngineConfig, GenerationEvent, GenerationRequest, Generator, OnnxEngine, SamplingParams,
+};
+
+#[derive(Deserialize)]
+struct Input {
+    model: PathBuf,
+    ort: PathBuf,
+    prompt: String,
+    steps: usize,
+    #[serde(default)]
+    texts: Vec<String>,
+    #[serde(default = "one")]
+    threads: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+type AnyError = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() -> Result<(), AnyError> {
+    let mut raw = String::new();
+    std::io::stdin().read_to_string(&mut raw)?;
+    let input: Input = serde_json::from_str(&raw)?;
+
+    let env = init_runtime(&input.ort)?;
+    let files = ModelFiles::read(&input.model)?;
+    let tokenizer = TextTokenizer::from_file(&files.tokenizer_path)?;
+    let prompt_ids = tokenizer.encode(&input.prompt)?;
+    let encodings = input.texts.iter().map(|t| tokenizer.encode(t)).collect::<Result<Vec<_>, _>>()?;
+
+    let first_logits = {
+        let mut model = DecoderModel::load(&env, &files, &SessionOptions { intra_threads: input.threads })?;
+        let mut cache = model.empty_cache()?;
+        model.forward(&prompt_ids, &mut cache)?
+    };
+
+    let engine = OnnxEngine::start(&EngineConfig {
+        model_dir: input.model.clone(),
+        ort_dylib_path: input.ort.clone(),
+        intra_threads: input.threads,
+        max_active: 1,
+        queue_capacity: 1,
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (greedy_ids, finish_reason) = runtime.block_on(async {
+        let request = GenerationRequest {
+            prompt: input.prompt.clone(),
+            max_tokens: input.steps,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+        };
+        let mut stream = engine.generate(request).await?;
+        let mut ids = Vec::new();
+        let mut reason = None;
+        while let Some(event) = stream.next().await {
+            match event? {
+                GenerationEvent::Token { id, .. } => ids.push(id),
+                GenerationEvent::Finished { reason: r, .. } => reason = Some(r.as_str()),
+            }
+        }
+        Ok::<_, AnyError>((ids, reason))
+    })?;
+
+    let out = serde_json::json!({
+        "prompt_ids": prompt_ids,
+        "first_logits": first_logits,
+        "greedy_ids": greedy_ids,
+        "finish_reason": finish_reason,
+        "encodings": encodings,
+    });
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer(&mut stdout, &out)?;
+    writeln!(stdout)?;
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! The inference crate's one error type. Every fallible public call returns [`InferenceError`];
+//! the gateway maps each variant to an HTTP status in exactly one place.
+
+use std::path::PathBuf;
+
+/// Errors from loading a model or generating text.
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    /// The ONNX Runtime shared library could not be loaded.
+    #[error(
+        "could not load the ONNX Runtime library at {path}: {reason}. \
+         Run `make setup` to fetch it, or point ORT_DYLIB_PATH / --ort-dylib-path at libonnxruntime.so.{expected_version}"
+    )]
+    RuntimeLibrary { path: PathBuf, reason: String, expected_version: &'static str },
+
+    /// A model folder is missing a file, or a file does not parse.
+    #[error("model folder {path}: {reason}")]
+    ModelFiles { path: PathBuf, reason: String },
+
+    /// The ONNX graph does not have the inputs/outputs of an Optimum decoder export.
+    #[error("model {path} is not a supported decoder export: {reason}")]
+    UnsupportedModel { path: PathBuf, reason: String },
+
+    /// ONNX Runtime failed while creating a session or running the graph.
+    #[error("onnx runtime: {0}")]
+    Runtime(String),
+
+    /// The tokenizer failed to encode or decode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// The prompt (in tokens) does not leave room for a single generated token.
+    #[error("prompt is {prompt_tokens} tokens; the model's context is {context_length} tokens")]
+    PromptTooLong { prompt_tokens: usize, context_length: usize },
+
+    /// The request is invalid (empty prompt, out-of-range parameter, bad chat template input...).
+    #[error("{0}")]
+    InvalidRequest(String),
+
+    /// The bounded admission queue is full: try again later.
+    #[error("the model's queue is full ({capacity} waiting requests)")]
+    Overloaded { capacity: usize },
+
+    /// The engine's worker has stopped (shutdown or a fatal error).
+    #[error("the inference engine is not running")]
+    EngineStopped,
+}
+
+impl InferenceError {
+    pub(crate) fn runtime(e: impl std::fmt::Display) -> Self {
+        Self::Runtime(e.to_string())
+    }
+
+    pub(crate) fn tokenizer(e: impl std::fmt::Display) -> Self {
+        Self::Tokenizer(e.to_string())
+    }
+}
+
+/// Shorthand used across the crate.
+pub type Result<T, E = InferenceError> = std::result::Result<T, E>;

@@ -1,0 +1,146 @@
+//! The small surface the gateway depends on: the [`Generator`] trait, the request it takes and the
+//! token stream it returns. No `ort` type appears here.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use futures_core::Stream;
+use serde::Serialize;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::error::{InferenceError, Result};
+use crate::sampling::SamplingParams;
+
+/// One generation: a prompt (already in the model's prompt format) and how to continue it.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: String,
+    /// Upper bound on generated tokens (≥ 1); the model's context may end generation sooner.
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Text that ends generation; it is not included in the output.
+    pub stop: Vec<String>,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop sequence.
+    Stop,
+    /// `max_tokens` or the model's context length was reached.
+    Length,
+    /// The engine shut down before the generation finished.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Token counts of one generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    /// Sampled tokens, including an end-of-sequence token.
+    pub completion_tokens: usize,
+}
+
+/// What a token stream yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// One per sampled token (an end-of-sequence token included): the text completed by token
+    /// `id`. `text` may be empty while a multi-byte character or a possible stop sequence is held
+    /// back; the last token's event carries whatever was held. `index` counts from 0.
+    Token { index: usize, id: u32, text: String },
+    /// The last event of every stream that was not cut short by an error.
+    Finished { reason: FinishReason, usage: Usage },
+}
+
+/// A stream of generation events; dropping it cancels the generation at its next step.
+pub type TokenStream = Pin<Box<dyn Stream<Item = Result<GenerationEvent>> + Send>>;
+
+/// A boxed, sendable future (what [`Generator::generate`] returns).
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Facts about a loaded model, for `/models` endpoints and logs.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub path: PathBuf,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    #[serde(skip)]
+    pub loaded_at: SystemTime,
+    /// `onnx` for a real model, `mock` for the benchmarking token source.
+    pub engine: &'static str,
+    /// The chat template from tokenizer_config.json, when the model has one.
+    #[serde(skip)]
+    pub chat_template: Option<String>,
+    #[serde(skip)]
+    pub bos_token: Option<String>,
+    #[serde(skip)]
+    pub eos_token: Option<String>,
+}
+
+/// Counters of an engine, for health and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EngineStats {
+    /// Generations being decoded now.
+    pub active: usize,
+    /// Requests waiting in the admission queue.
+    pub queued: usize,
+    pub queue_capacity: usize,
+    /// Tokens sampled since start.
+    pub tokens_generated: u64,
+    /// Generations stopped because their stream was dropped.
+    pub cancelled: u64,
+    /// Generations that ran to a finish reason.
+    pub completed: u64,
+}
+
+/// A text generator: the real ONNX engine, or the benchmarking mock.
+pub trait Generator: Send + Sync + 'static {
+    fn info(&self) -> &ModelInfo;
+
+    /// Admit a request. Fails fast with [`InferenceError::Overloaded`] when the queue is full and
+    /// with a typed error when the prompt is invalid (empty, longer than the context); otherwise
+    /// returns the stream, whose first event arrives when the prompt has been processed.
+    fn generate(&self, request: GenerationRequest) -> BoxFuture<Result<TokenStream>>;
+
+    fn stats(&self) -> EngineStats;
+
+    /// Whether the engine's worker is running and accepting work.
+    fn is_ready(&self) -> bool;
+}
+
+/// Adapts a tokio receiver into a [`Stream`] (no extra crate for one impl).
+pub(crate) struct ReceiverStream<T>(pub(crate) UnboundedReceiver<T>);
+
+impl<T> Stream for ReceiverStream<T> {
+    type Item = T;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// Checks shared by every engine before a request is queued.
+pub(crate) fn validate_request(request: &GenerationRequest) -> Result<()> {
+    if request.prompt.is_empty() {
+        return Err(InferenceError::InvalidRequest("prompt must not be empty".into()));
+    }
+    if request.max_tokens == 0 {
+        return Err(InferenceError::InvalidRequest("max_tokens must be at least 1".into()));
+    }
+    request.sampling.validate()
+}

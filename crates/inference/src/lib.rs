@@ -1,0 +1,33 @@
+//! streamgate's inference crate: decoder language models on ONNX Runtime, served as async token
+//! streams. It knows nothing about HTTP.
+//!
+//! Data flows `Generator::generate` → [`scheduler`] (bounded queue, worker thread, cancellation)
+//! → [`model`] (ORT session, KV cache) → [`sampling`] / [`tokenizer`] / [`stop`].
+
+pub mod error;
+pub mod generator;
+pub mod model;
+pub mod model_files;
+pub mod runtime;
+pub mod sampling;
+pub mod scheduler;
+pub mod stop;
+pub mod tokenizer;
+
+pub use error::{InferenceError, Result};
+pub use generator::{
+    BoxFuture, EngineStats, FinishReason, GenerationEvent, GenerationRequest, Generator, ModelInfo,
+    TokenStream, Usage,
+};
+pub use sampling::SamplingParams;
+pub use scheduler::{EngineConfig, OnnxEngine};
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::path::PathBuf;
+
+    /// The committed tiny test model (models/tiny-llama).
+    pub fn tiny_model_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-llama")
+    }
+}

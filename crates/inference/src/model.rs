@@ -1,0 +1,243 @@
+//! The ONNX Runtime session of one decoder model and its KV cache.
+//!
+//! The graph is an Optimum "text-generation-with-past" export. Each call to
+//! [`DecoderModel::forward`] feeds new tokens plus the cache, and swaps the cache for the graph's
+//! `present.*` outputs (an `Arc` handle, no copy):
+//!
+//! ```text
+//! input_ids                  i64 [batch, seq]
+//! attention_mask             i64 [batch, past + seq]
+//! position_ids (optional)    i64 [batch, seq]
+//! past_key_values.{i}.key    f32 [batch, kv_heads, past, head_dim]   (and .value), i in 0..layers
+//! -> logits                  f32 [batch, seq, vocab]
+//! -> present.{i}.key         f32 [batch, kv_heads, past + seq, head_dim]   (and .value)
+//! ```
+//!
+//! Layer count, KV heads and head size come from the session's input metadata, so any model in
+//! this layout loads without per-model code.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use ort::environment::Environment;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorElementType};
+
+use crate::error::{InferenceError, Result};
+use crate::model_files::ModelFiles;
+
+/// Per-sequence attention cache: one key and one value tensor per layer.
+pub struct KvCache {
+    /// `[k0, v0, k1, v1, ...]`, each `[1, kv_heads, len, head_dim]`.
+    values: Vec<DynValue>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Number of positions cached (prompt + generated so far).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Shape facts discovered from the graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelShape {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub has_position_ids: bool,
+}
+
+/// An ONNX Runtime session for one decoder, owned by one worker thread.
+pub struct DecoderModel {
+    session: Session,
+    shape: ModelShape,
+    /// Input names for the cache, in `KvCache::values` order.
+    past_names: Vec<String>,
+    present_names: Vec<String>,
+    path: PathBuf,
+}
+
+/// Session options that are settings, not model facts.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// ONNX Runtime intra-op threads for this session.
+    pub intra_threads: usize,
+}
+
+impl DecoderModel {
+    /// Create the session and check the graph has the inputs and outputs of a decoder with past.
+    pub fn load(env: &Environment, files: &ModelFiles, options: &SessionOptions) -> Result<Self> {
+        let path = files.onnx_path.clone();
+        let session = Session::builder(env)
+            .map_err(InferenceError::runtime)?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(InferenceError::runtime)?
+            .with_intra_threads(options.intra_threads.max(1))
+            .map_err(InferenceError::runtime)?
+            .commit_from_file(&path)
+            .map_err(|e| InferenceError::UnsupportedModel { path: path.clone(), reason: e.to_string() })?;
+        let shape = discover_shape(&session, files)?;
+        let past_names = (0..shape.layers)
+            .flat_map(|i| [format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value")])
+            .collect();
+        let present_names = (0..shape.layers)
+            .flat_map(|i| [format!("present.{i}.key"), format!("present.{i}.value")])
+            .collect();
+        Ok(Self { session, shape, past_names, present_names, path })
+    }
+
+    pub fn shape(&self) -> &ModelShape {
+        &self.shape
+    }
+
+    /// A cache holding no positions (zero-length past tensors).
+    pub fn empty_cache(&self) -> Result<KvCache> {
+        let dims = [1i64, self.shape.kv_heads as i64, 0, self.shape.head_dim as i64];
+        let values = (0..self.shape.layers * 2)
+            .map(|_| Tensor::<f32>::from_array((dims, Vec::<f32>::new())).map(Tensor::into_dyn))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(InferenceError::runtime)?;
+        Ok(KvCache { values, len: 0 })
+    }
+
+    /// Run `tokens` (at positions `cache.len()..`) through the model, extend the cache, and
+    /// return the logits of the last token.
+    pub fn forward(&mut self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(InferenceError::InvalidRequest("no tokens to run".into()));
+        }
+        let seq = tokens.len();
+        let total = cache.len + seq;
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let tensor_i64 = |data: Vec<i64>| {
+            let dims = [1i64, data.len() as i64];
+            Tensor::<i64>::from_array((dims, data)).map(Tensor::into_dyn).map_err(InferenceError::runtime)
+        };
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+            Vec::with_capacity(3 + cache.values.len());
+        inputs.push(("input_ids".into(), tensor_i64(ids)?.into()));
+        inputs.push(("attention_mask".into(), tensor_i64(vec![1; total])?.into()));
+        if self.shape.has_position_ids {
+            let positions = (cache.len as i64..total as i64).collect();
+            inputs.push(("position_ids".into(), tensor_i64(positions)?.into()));
+        }
+        // The cache's tensors move into the run; on failure the sequence is dropped anyway.
+        for (name, value) in self.past_names.iter().zip(cache.values.drain(..)) {
+            inputs.push((Cow::Borrowed(name.as_str()), value.into()));
+        }
+
+        let mut outputs = self.session.run(inputs).map_err(InferenceError::runtime)?;
+        let logits = {
+            let value = outputs
+                .get("logits")
+                .ok_or_else(|| InferenceError::Runtime("the model produced no 'logits' output".into()))?;
+            let (shape, data) = value.try_extract_tensor::<f32>().map_err(InferenceError::runtime)?;
+            let vocab = shape.last().copied().unwrap_or(0) as usize;
+            if vocab == 0 || data.len() < vocab {
+                return Err(InferenceError::Runtime(format!("unexpected logits shape {shape}")));
+            }
+            data[data.len() - vocab..].to_vec()
+        };
+        let mut present = Vec::with_capacity(self.present_names.len());
+        for name in &self.present_names {
+            present.push(
+                outputs.remove(name).ok_or_else(|| {
+                    InferenceError::Runtime(format!("the model produced no '{name}' output"))
+                })?,
+            );
+        }
+        cache.values = present;
+        cache.len = total;
+        Ok(logits)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Read layers / heads / head size / vocabulary from the graph's metadata, and name whatever is
+/// missing when the graph is not a decoder-with-past export.
+fn discover_shape(session: &Session, files: &ModelFiles) -> Result<ModelShape> {
+    let unsupported =
+        |reason: String| InferenceError::UnsupportedModel { path: files.onnx_path.clone(), reason };
+    let inputs = session.inputs();
+    let input = |name: &str| inputs.iter().find(|o| o.name() == name);
+    for required in ["input_ids", "attention_mask"] {
+        if input(required).is_none() {
+            return Err(unsupported(format!("missing input '{required}'")));
+        }
+    }
+    if input("use_cache_branch").is_some() {
+        return Err(unsupported(
+            "this is a merged decoder (input 'use_cache_branch'); export with \
+             `optimum-cli export onnx --task text-generation-with-past` and use decoder_model.onnx-style \
+             single-graph output named model.onnx"
+                .into(),
+        ));
+    }
+    let mut layers = 0;
+    while input(&format!("past_key_values.{layers}.key")).is_some() {
+        layers += 1;
+    }
+    if layers == 0 {
+        return Err(unsupported(
+            "missing input 'past_key_values.0.key' (export with --task text-generation-with-past)".into(),
+        ));
+    }
+    let outputs = session.outputs();
+    let output = |name: &str| outputs.iter().find(|o| o.name() == name);
+    for i in 0..layers {
+        for name in [format!("past_key_values.{i}.value")] {
+            if input(&name).is_none() {
+                return Err(unsupported(format!("missing input '{name}'")));
+            }
+        }
+        for name in [format!("present.{i}.key"), format!("present.{i}.value")] {
+            if output(&name).is_none() {
+                return Err(unsupported(format!("missing output '{name}'")));
+            }
+        }
+    }
+    let logits = output("logits").ok_or_else(|| unsupported("missing output 'logits'".into()))?;
+
+    let past = input("past_key_values.0.key").ok_or_else(|| unsupported("missing past input".into()))?;
+    if past.dtype().tensor_type() != Some(TensorElementType::Float32) {
+        return Err(unsupported(format!(
+            "past_key_values must be float32 (found {:?}); export the model in fp32",
+            past.dtype().tensor_type()
+        )));
+    }
+    let dims: Vec<i64> = past.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
+    let fixed = |i: usize| dims.get(i).copied().filter(|d| *d > 0).map(|d| d as usize);
+    let kv_heads = fixed(1).or(files.config_kv_heads).ok_or_else(|| {
+        unsupported(
+            "the KV head count is symbolic in the graph and config.json has no num_key_value_heads".into(),
+        )
+    })?;
+    let head_dim = fixed(3).or(files.config_head_dim).ok_or_else(|| {
+        unsupported("the head size is symbolic in the graph and config.json does not give it".into())
+    })?;
+    let vocab_size = logits
+        .dtype()
+        .tensor_shape()
+        .and_then(|s| s.last().copied())
+        .filter(|d| *d > 0)
+        .map(|d| d as usize)
+        .ok_or_else(|| unsupported("the logits' vocabulary dimension is not fixed".into()))?;
+    Ok(ModelShape {
+        layers,
+        kv_heads,
+        head_dim,
+        vocab_size,
+        has_position_ids: input("position_ids").is_some(),
+    })
+}

@@ -1,0 +1,63 @@
+//! Paths and helpers shared by the inference crate's integration tests.
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::path::PathBuf;
+
+use futures_util::StreamExt;
+use streamgate_inference::{
+    EngineConfig, GenerationEvent, GenerationRequest, Generator, OnnxEngine, SamplingParams, TokenStream,
+    runtime::DEFAULT_DYLIB_PATH,
+};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn tiny_model_dir() -> PathBuf {
+    repo_root().join("models/tiny-llama")
+}
+
+/// The library `make setup` extracts (tests run through `make test`, which prepares it).
+pub fn ort_dylib() -> PathBuf {
+    repo_root().join(DEFAULT_DYLIB_PATH)
+}
+
+pub fn tiny_engine(max_active: usize, queue_capacity: usize) -> OnnxEngine {
+    OnnxEngine::start(&EngineConfig {
+        model_dir: tiny_model_dir(),
+        ort_dylib_path: ort_dylib(),
+        intra_threads: 1,
+        max_active,
+        queue_capacity,
+    })
+    .expect("tiny engine starts (run `make setup` first)")
+}
+
+pub fn request(prompt: &str, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest { prompt: prompt.into(), max_tokens, sampling: SamplingParams::default(), stop: vec![] }
+}
+
+/// Drain a stream into its events.
+pub async fn collect(mut stream: TokenStream) -> Vec<GenerationEvent> {
+    let mut events = Vec::new();
+    while let Some(event) = stream.next().await {
+        events.push(event.expect("no error events"));
+    }
+    events
+}
+
+pub fn text_and_ids(events: &[GenerationEvent]) -> (String, Vec<u32>) {
+    let mut text = String::new();
+    let mut ids = Vec::new();
+    for e in events {
+        if let GenerationEvent::Token { text: t, id, .. } = e {
+            text.push_str(t);
+            ids.push(*id);
+        }
+    }
+    (text, ids)
+}
+
+pub async fn generate(engine: &impl Generator, req: GenerationRequest) -> Vec<GenerationEvent> {
+    collect(engine.generate(req).await.expect("admitted")).await
+}

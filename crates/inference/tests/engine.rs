@@ -1,0 +1,244 @@
+//! The ONNX engine end to end on the tiny model: real ONNX Runtime, real tokenizer.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{FutureExt, StreamExt};
+use streamgate_inference::model::{DecoderModel, SessionOptions};
+use streamgate_inference::model_files::ModelFiles;
+use streamgate_inference::runtime::init_runtime;
+use streamgate_inference::tokenizer::TextTokenizer;
+use streamgate_inference::{FinishReason, GenerationEvent, Generator, InferenceError, SamplingParams};
+
+const PROMPT: &str = "<|im_start|>user\nStreaming tokens to the browser<|im_end|>\n<|im_start|>assistant\n";
+
+fn finished(events: &[GenerationEvent]) -> (FinishReason, usize, usize) {
+    match events.last() {
+        Some(GenerationEvent::Finished { reason, usage }) => {
+            (*reason, usage.prompt_tokens, usage.completion_tokens)
+        }
+        other => panic!("last event must be Finished, got {other:?}"),
+    }
+}
+
+#[test]
+fn kv_cache_matches_full_recomputation() {
+    let env = init_runtime(&ort_dylib()).expect("runtime");
+    let files = ModelFiles::read(&tiny_model_dir()).expect("files");
+    let tok = TextTokenizer::from_file(&files.tokenizer_path).expect("tokenizer");
+    let mut model = DecoderModel::load(&env, &files, &SessionOptions { intra_threads: 1 }).expect("model");
+    let mut ids = tok.encode(PROMPT).expect("encode");
+
+    // Incremental: prompt once, then one token per step from the cache.
+    let mut cache = model.empty_cache().expect("cache");
+    let mut logits = model.forward(&ids, &mut cache).expect("prefill");
+    for _ in 0..12 {
+        let next = streamgate_inference::sampling::argmax(&logits);
+        ids.push(next);
+        logits = model.forward(&[next], &mut cache).expect("decode");
+        assert_eq!(cache.len(), ids.len());
+        // Reference: the whole sequence from scratch, no cache.
+        let mut fresh = model.empty_cache().expect("cache");
+        let full = model.forward(&ids, &mut fresh).expect("full");
+        let max_diff = logits.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(max_diff < 1e-4, "cached and recomputed logits differ by {max_diff}");
+    }
+}
+
+#[tokio::test]
+async fn greedy_generation_is_deterministic_and_counts_usage() {
+    let engine = tiny_engine(2, 8);
+    let a = generate(&engine, request(PROMPT, 24)).await;
+    let b = generate(&engine, request(PROMPT, 24)).await;
+    assert_eq!(a, b);
+    let (reason, prompt_tokens, completion) = finished(&a);
+    let token_events = a.iter().filter(|e| matches!(e, GenerationEvent::Token { .. })).count();
+    assert!((1..=24).contains(&completion));
+    assert_eq!(token_events, completion, "one event per sampled token");
+    assert_eq!(
+        prompt_tokens,
+        TextTokenizer::from_file(&tiny_model_dir().join("tokenizer.json"))
+            .unwrap()
+            .encode(PROMPT)
+            .unwrap()
+            .len()
+    );
+    if reason == FinishReason::Length {
+        assert_eq!(completion, 24);
+    }
+    // Event indices count up from zero.
+    for (i, e) in a.iter().filter(|e| matches!(e, GenerationEvent::Token { .. })).enumerate() {
+        assert!(matches!(e, GenerationEvent::Token { index, .. } if *index == i));
+    }
+}
+
+#[tokio::test]
+async fn streamed_text_equals_decoding_all_tokens() {
+    let engine = tiny_engine(1, 4);
+    let tok = TextTokenizer::from_file(&tiny_model_dir().join("tokenizer.json")).unwrap();
+    let sampling = SamplingParams { temperature: 1.0, seed: Some(5), ..SamplingParams::default() };
+    let events = generate(
+        &engine,
+        streamgate_inference::GenerationRequest { sampling, ..request("Café 中文 🚀", 60) },
+    )
+    .await;
+    let (text, ids) = text_and_ids(&events);
+    assert_eq!(ids.len(), finished(&events).2, "one Token event per sampled token");
+    assert_eq!(text, tok.decode(&ids).unwrap());
+}
+
+#[tokio::test]
+async fn seeds_reproduce_sampled_text() {
+    let engine = tiny_engine(2, 8);
+    let seeded = |seed| streamgate_inference::GenerationRequest {
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            top_k: 40,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        },
+        ..request(PROMPT, 20)
+    };
+    let a = text_and_ids(&generate(&engine, seeded(1)).await).1;
+    let b = text_and_ids(&generate(&engine, seeded(1)).await).1;
+    let c = text_and_ids(&generate(&engine, seeded(2)).await).1;
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
+
+#[tokio::test]
+async fn max_tokens_ends_with_length() {
+    let engine = tiny_engine(1, 4);
+    let events = generate(&engine, request(PROMPT, 3)).await;
+    let (reason, _, completion) = finished(&events);
+    assert!(completion <= 3);
+    assert!(reason == FinishReason::Length && completion == 3 || reason == FinishReason::Stop);
+}
+
+#[tokio::test]
+async fn stop_sequence_cuts_the_text_before_it() {
+    let engine = tiny_engine(1, 4);
+    let full = text_and_ids(&generate(&engine, request(PROMPT, 40)).await).0;
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() >= 6, "need some text to pick a stop from: {full:?}");
+    let stop: String = chars[3..5].iter().collect();
+    let expected = &full[..full.find(&stop).unwrap()];
+    let req = streamgate_inference::GenerationRequest { stop: vec![stop.clone()], ..request(PROMPT, 40) };
+    let events = generate(&engine, req).await;
+    assert_eq!(text_and_ids(&events).0, expected);
+    assert_eq!(finished(&events).0, FinishReason::Stop);
+}
+
+#[tokio::test]
+async fn prompt_longer_than_context_is_a_typed_error() {
+    let engine = tiny_engine(1, 4);
+    let long = "token ".repeat(400);
+    match engine.generate(request(&long, 4)).await {
+        Err(InferenceError::PromptTooLong { prompt_tokens, context_length }) => {
+            assert!(prompt_tokens >= context_length);
+            assert_eq!(context_length, 256);
+        }
+        Err(other) => panic!("expected PromptTooLong, got {other}"),
+        Ok(_) => panic!("expected PromptTooLong, got a stream"),
+    }
+    // The engine keeps working after a rejected request.
+    assert!(matches!(
+        finished(&generate(&engine, request(PROMPT, 2)).await).0,
+        FinishReason::Stop | FinishReason::Length
+    ));
+}
+
+#[tokio::test]
+async fn invalid_requests_are_rejected_before_queueing() {
+    let engine = tiny_engine(1, 1);
+    for bad in [
+        request("", 4),
+        request(PROMPT, 0),
+        streamgate_inference::GenerationRequest {
+            sampling: SamplingParams { temperature: f32::NAN, ..SamplingParams::default() },
+            ..request(PROMPT, 4)
+        },
+    ] {
+        let result = engine.generate(bad).now_or_never().expect("rejected without waiting");
+        assert!(matches!(result, Err(InferenceError::InvalidRequest(_))));
+    }
+    assert_eq!(engine.stats().queued, 0);
+}
+
+#[tokio::test]
+async fn dropping_the_stream_cancels_generation() {
+    let engine = tiny_engine(1, 4);
+    let mut stream = engine.generate(request("The quick brown fox", 250)).await.expect("admitted");
+    let first = stream.next().await;
+    assert!(matches!(first, Some(Ok(GenerationEvent::Token { .. }))));
+    drop(stream);
+    // The worker notices at its next step; wait (bounded) for the gauge to drop to zero.
+    for _ in 0..200 {
+        if engine.stats().active == 0 && engine.stats().cancelled == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats = engine.stats();
+    assert_eq!((stats.active, stats.cancelled, stats.completed), (0, 1, 0), "{stats:?}");
+    let tokens = stats.tokens_generated;
+    assert!(tokens < 250, "generation stopped early: {tokens}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(engine.stats().tokens_generated, tokens, "no work continues after cancellation");
+}
+
+#[tokio::test]
+async fn a_full_queue_fails_fast_with_overloaded() {
+    let engine = tiny_engine(1, 2);
+    // Submit many requests without awaiting: admission into the bounded queue happens at call time.
+    let futures: Vec<_> = (0..12).map(|_| engine.generate(request(PROMPT, 200))).collect();
+    let mut overloaded = 0;
+    let mut streams = Vec::new();
+    for f in futures {
+        match f.await {
+            Ok(stream) => streams.push(stream),
+            Err(InferenceError::Overloaded { capacity }) => {
+                assert_eq!(capacity, 2);
+                overloaded += 1;
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert!(overloaded >= 1, "a 1-slot engine with a 2-deep queue must refuse some of 12 requests");
+    assert!(!streams.is_empty());
+    // Everything admitted still completes.
+    for stream in streams {
+        let events = collect(stream).await;
+        assert!(matches!(events.last(), Some(GenerationEvent::Finished { .. })));
+    }
+}
+
+#[tokio::test]
+async fn concurrent_streams_interleave_round_robin() {
+    // With two slots, B's first token is produced while A is still generating; a FIFO worker
+    // would only start B after A's last token. Streams are drained alternately, in one task.
+    let engine = tiny_engine(2, 8);
+    let mut a = engine.generate(request(PROMPT, 120)).await.expect("a");
+    let mut b = engine.generate(request(PROMPT, 120)).await.expect("b");
+    let mut order = Vec::new();
+    let (mut a_done, mut b_done) = (false, false);
+    while !(a_done && b_done) {
+        tokio::select! {
+            biased;
+            Some(e) = a.next(), if !a_done => {
+                a_done = matches!(e, Ok(GenerationEvent::Finished { .. }));
+                order.push(('a', a_done, engine.stats().completed));
+            }
+            Some(e) = b.next(), if !b_done => {
+                b_done = matches!(e, Ok(GenerationEvent::Finished { .. }));
+                order.push(('b', b_done, engine.stats().completed));
+            }
+        }
+    }
+    let (_, _, completed_when_b_started) = order.iter().find(|(s, ..)| *s == 'b').copied().unwrap();
+    assert_eq!(completed_when_b_started, 0, "B's first token came only after A finished: not interleaved");
+}
