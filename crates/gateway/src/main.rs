@@ -1,2 +1,39 @@
-//! Placeholder entry point; the HTTP server arrives with the gateway issue.
-fn main() {}
+//! The `streamgate` binary: parse settings once, load the models, serve.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use streamgate_gateway::app::AppState;
+use streamgate_gateway::logging::json_logger;
+use streamgate_gateway::server::{fatal, load_models, serve};
+use streamgate_gateway::settings::Settings;
+
+fn main() -> ExitCode {
+    let settings = Settings::parse();
+    let (logger, _flush_on_exit) = json_logger(settings.log_level);
+    if let Err(e) = settings.validate() {
+        fatal(&logger, &e.to_string());
+        return ExitCode::from(2);
+    }
+    let models = match load_models(&settings, &logger) {
+        Ok(models) => models,
+        Err(e) => {
+            fatal(&logger, &e);
+            return ExitCode::FAILURE;
+        }
+    };
+    let state = match AppState::new(settings, models, logger.clone()) {
+        Ok(state) => actix_web::web::Data::new(state),
+        Err(e) => {
+            fatal(&logger, &e);
+            return ExitCode::FAILURE;
+        }
+    };
+    match actix_web::rt::System::new().block_on(serve(state)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            fatal(&logger, &format!("server: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}

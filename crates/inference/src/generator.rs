@@ -11,6 +11,7 @@ use futures_core::Stream;
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use crate::chat::ChatMessage;
 use crate::error::{InferenceError, Result};
 use crate::sampling::SamplingParams;
 
@@ -83,13 +84,6 @@ pub struct ModelInfo {
     pub loaded_at: SystemTime,
     /// `onnx` for a real model, `mock` for the benchmarking token source.
     pub engine: &'static str,
-    /// The chat template from tokenizer_config.json, when the model has one.
-    #[serde(skip)]
-    pub chat_template: Option<String>,
-    #[serde(skip)]
-    pub bos_token: Option<String>,
-    #[serde(skip)]
-    pub eos_token: Option<String>,
 }
 
 /// Counters of an engine, for health and metrics.
@@ -112,10 +106,15 @@ pub struct EngineStats {
 pub trait Generator: Send + Sync + 'static {
     fn info(&self) -> &ModelInfo;
 
-    /// Admit a request. Fails fast with [`InferenceError::Overloaded`] when the queue is full and
-    /// with a typed error when the prompt is invalid (empty, longer than the context); otherwise
-    /// returns the stream, whose first event arrives when the prompt has been processed.
+    /// Queue a request. Fails fast with [`InferenceError::Overloaded`] when the queue is full and
+    /// with a typed error when the request is invalid (empty prompt, longer than the context);
+    /// otherwise returns the stream at once. Its first event arrives when a slot is free and the
+    /// prompt has been processed. Must be awaited inside a tokio runtime (tokenization runs on
+    /// its blocking pool).
     fn generate(&self, request: GenerationRequest) -> BoxFuture<Result<TokenStream>>;
+
+    /// Render a conversation into a prompt with the model's chat template.
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String>;
 
     fn stats(&self) -> EngineStats;
 

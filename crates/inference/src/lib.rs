@@ -4,6 +4,7 @@
 //! Data flows `Generator::generate` → [`scheduler`] (bounded queue, worker thread, cancellation)
 //! → [`model`] (ORT session, KV cache) → [`sampling`] / [`tokenizer`] / [`stop`].
 
+pub mod chat;
 pub mod error;
 pub mod generator;
 pub mod model;
@@ -14,6 +15,7 @@ pub mod scheduler;
 pub mod stop;
 pub mod tokenizer;
 
+pub use chat::{ChatMessage, ChatTemplate};
 pub use error::{InferenceError, Result};
 pub use generator::{
     BoxFuture, EngineStats, FinishReason, GenerationEvent, GenerationRequest, Generator, ModelInfo,

@@ -3,8 +3,9 @@
 //! The worker keeps up to `max_active` sequences and advances them round-robin, one decode step
 //! each, so concurrent streams all make progress. Before each step it checks whether the
 //! sequence's receiver is gone (the client disconnected) and, if so, frees that sequence's KV cache.
-//! Nothing here runs on the async runtime: handlers only `try_send` into the queue and await a
-//! oneshot for admission.
+//! Nothing heavy runs on the async runtime: the prompt is tokenized on tokio's blocking pool, then
+//! the job is `try_send`-ed into the queue and the stream returned at once, so a caller can start
+//! its response (and keep-alives) while the request waits for a slot and its prompt is processed.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -15,8 +16,8 @@ use std::thread::JoinHandle;
 use std::time::SystemTime;
 
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
-use tokio::sync::oneshot;
 
+use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{InferenceError, Result};
 use crate::generator::{
     BoxFuture, EngineStats, FinishReason, GenerationEvent, GenerationRequest, Generator, ModelInfo,
@@ -47,8 +48,8 @@ pub struct EngineConfig {
 type EventSender = UnboundedSender<Result<GenerationEvent>>;
 
 struct Job {
+    prompt_ids: Vec<u32>,
     request: GenerationRequest,
-    admitted: oneshot::Sender<Result<()>>,
     events: EventSender,
 }
 
@@ -67,6 +68,8 @@ struct Shared {
 /// `FinishReason::Cancelled`.
 pub struct OnnxEngine {
     info: ModelInfo,
+    chat: ChatTemplate,
+    tokenizer: TextTokenizer,
     queue: SyncSender<Job>,
     queue_capacity: usize,
     shared: Arc<Shared>,
@@ -91,17 +94,20 @@ impl OnnxEngine {
             vocab_size: model.shape().vocab_size,
             loaded_at: SystemTime::now(),
             engine: "onnx",
-            chat_template: files.chat_template.clone(),
-            bos_token: files.bos_token_text.clone(),
-            eos_token: files.eos_token_text.clone(),
         };
+        let chat = ChatTemplate::new(
+            files.chat_template.as_deref(),
+            files.bos_token_text.as_deref(),
+            files.eos_token_text.as_deref(),
+        )
+        .map_err(|e| InferenceError::ModelFiles { path: files.dir.clone(), reason: e.to_string() })?;
         let queue_capacity = config.queue_capacity.max(1);
         let (queue, jobs) = mpsc::sync_channel(queue_capacity);
         let shared = Arc::new(Shared::default());
         shared.running.store(true, Ordering::SeqCst);
         let worker = Worker {
             model,
-            tokenizer,
+            tokenizer: tokenizer.clone(),
             eos,
             context_length,
             max_active: config.max_active.max(1),
@@ -112,7 +118,7 @@ impl OnnxEngine {
             .name(format!("inference-{}", files.name))
             .spawn(move || worker.run(jobs))
             .map_err(|e| InferenceError::Runtime(format!("could not start the worker thread: {e}")))?;
-        Ok(Self { info, queue, queue_capacity, shared, worker: Some(handle) })
+        Ok(Self { info, chat, tokenizer, queue, queue_capacity, shared, worker: Some(handle) })
     }
 }
 
@@ -122,26 +128,41 @@ impl Generator for OnnxEngine {
     }
 
     fn generate(&self, request: GenerationRequest) -> BoxFuture<Result<TokenStream>> {
-        let submitted = validate_request(&request).and_then(|()| {
-            let (admitted, admission) = oneshot::channel();
-            let (events, receiver) = unbounded_channel();
-            self.shared.queued.fetch_add(1, Ordering::SeqCst);
-            match self.queue.try_send(Job { request, admitted, events }) {
-                Ok(()) => Ok((admission, receiver)),
-                Err(e) => {
-                    self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-                    Err(match e {
-                        TrySendError::Full(_) => InferenceError::Overloaded { capacity: self.queue_capacity },
-                        TrySendError::Disconnected(_) => InferenceError::EngineStopped,
-                    })
-                }
-            }
-        });
+        let checked = validate_request(&request);
+        let tokenizer = self.tokenizer.clone();
+        let queue = self.queue.clone();
+        let shared = Arc::clone(&self.shared);
+        let (capacity, context_length) = (self.queue_capacity, self.info.context_length);
         Box::pin(async move {
-            let (admission, receiver) = submitted?;
-            admission.await.map_err(|_| InferenceError::EngineStopped)??;
+            checked?;
+            let prompt = request.prompt.clone();
+            let prompt_ids = tokio::task::spawn_blocking(move || tokenizer.encode(&prompt))
+                .await
+                .map_err(|_| InferenceError::EngineStopped)??;
+            if prompt_ids.is_empty() {
+                return Err(InferenceError::InvalidRequest("the prompt encodes to no tokens".into()));
+            }
+            if prompt_ids.len() >= context_length {
+                return Err(InferenceError::PromptTooLong {
+                    prompt_tokens: prompt_ids.len(),
+                    context_length,
+                });
+            }
+            let (events, receiver) = unbounded_channel();
+            shared.queued.fetch_add(1, Ordering::SeqCst);
+            if let Err(e) = queue.try_send(Job { prompt_ids, request, events }) {
+                shared.queued.fetch_sub(1, Ordering::SeqCst);
+                return Err(match e {
+                    TrySendError::Full(_) => InferenceError::Overloaded { capacity },
+                    TrySendError::Disconnected(_) => InferenceError::EngineStopped,
+                });
+            }
             Ok(Box::pin(ReceiverStream(receiver)) as TokenStream)
         })
+    }
+
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
+        self.chat.render(messages)
     }
 
     fn stats(&self) -> EngineStats {
@@ -229,39 +250,27 @@ impl Worker {
         self.shared.running.store(false, Ordering::SeqCst);
     }
 
-    /// Tokenize and check the prompt, answer the admission oneshot, and add the sequence.
+    /// Give a queued job a slot: an empty cache, a sampler, a decoder.
     fn admit(&mut self, job: Job) {
         self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-        let Job { request, admitted, events } = job;
-        let prepared = self.tokenizer.encode(&request.prompt).and_then(|ids| {
-            if ids.is_empty() {
-                return Err(InferenceError::InvalidRequest("the prompt encodes to no tokens".into()));
-            }
-            if ids.len() >= self.context_length {
-                return Err(InferenceError::PromptTooLong {
-                    prompt_tokens: ids.len(),
-                    context_length: self.context_length,
-                });
-            }
-            Ok(ids)
-        });
-        let cache = prepared.and_then(|ids| self.model.empty_cache().map(|cache| (ids, cache)));
-        let (ids, cache) = match cache {
-            Ok(ok) => ok,
+        let Job { prompt_ids, request, events } = job;
+        if events.is_closed() {
+            self.shared.cancelled.fetch_add(1, Ordering::SeqCst);
+            return; // the client left while queued
+        }
+        let cache = match self.model.empty_cache() {
+            Ok(cache) => cache,
             Err(e) => {
-                let _ = admitted.send(Err(e));
+                let _ = events.send(Err(e));
                 return;
             }
         };
-        if admitted.send(Ok(())).is_err() {
-            return; // the caller gave up while queued
-        }
         self.active.push(Sequence {
             events,
             cache,
-            prompt_len: ids.len(),
-            history: ids.clone(),
-            next_input: ids,
+            prompt_len: prompt_ids.len(),
+            history: prompt_ids.clone(),
+            next_input: prompt_ids,
             generated: 0,
             max_tokens: request.max_tokens,
             events_sent: 0,

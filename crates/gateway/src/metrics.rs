@@ -1,0 +1,105 @@
+//! Prometheus metrics: requests by route and status, active streams, tokens streamed, time to
+//! first token and inter-token gaps, rate-limited and rejected requests, and the engines' own
+//! gauges (read at scrape time). Served as text at `GET /metrics`.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::model_registry::ModelRegistry;
+
+/// All metric families, registered once at start-up.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub active_streams: IntGaugeVec,
+    pub tokens_streamed: IntCounterVec,
+    pub time_to_first_token: HistogramVec,
+    pub inter_token: HistogramVec,
+    pub rate_limited: IntCounterVec,
+    pub rejected: IntCounterVec,
+    engine_active: IntGaugeVec,
+    engine_queued: IntGaugeVec,
+    engine_cancelled: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Build and register every family. Fails only on a programming error (duplicate name).
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("streamgate".into()), None)?;
+        let latency_buckets =
+            vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+        let gap_buckets = vec![0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 5.0];
+        let m = Self {
+            requests: IntCounterVec::new(
+                Opts::new("http_requests_total", "HTTP requests by route pattern and status"),
+                &["route", "status"],
+            )?,
+            active_streams: IntGaugeVec::new(
+                Opts::new("active_streams", "SSE streams open now"),
+                &["version"],
+            )?,
+            tokens_streamed: IntCounterVec::new(
+                Opts::new("tokens_streamed_total", "Token events sent to clients"),
+                &["version"],
+            )?,
+            time_to_first_token: HistogramVec::new(
+                HistogramOpts::new("time_to_first_token_seconds", "From request to first token event")
+                    .buckets(latency_buckets),
+                &["version"],
+            )?,
+            inter_token: HistogramVec::new(
+                HistogramOpts::new("inter_token_seconds", "Gap between consecutive token events")
+                    .buckets(gap_buckets),
+                &["version"],
+            )?,
+            rate_limited: IntCounterVec::new(
+                Opts::new("rate_limited_total", "Requests refused with 429"),
+                &["reason"],
+            )?,
+            rejected: IntCounterVec::new(
+                Opts::new("rejected_total", "Requests refused with 503 (queue full, not ready, draining)"),
+                &["reason"],
+            )?,
+            engine_active: IntGaugeVec::new(
+                Opts::new("engine_active_generations", "Generations being decoded"),
+                &["version"],
+            )?,
+            engine_queued: IntGaugeVec::new(
+                Opts::new("engine_queued_requests", "Requests waiting in the admission queue"),
+                &["version"],
+            )?,
+            engine_cancelled: IntGaugeVec::new(
+                Opts::new("engine_cancelled_generations", "Generations cancelled because the client left"),
+                &["version"],
+            )?,
+            registry,
+        };
+        m.registry.register(Box::new(m.requests.clone()))?;
+        m.registry.register(Box::new(m.active_streams.clone()))?;
+        m.registry.register(Box::new(m.tokens_streamed.clone()))?;
+        m.registry.register(Box::new(m.time_to_first_token.clone()))?;
+        m.registry.register(Box::new(m.inter_token.clone()))?;
+        m.registry.register(Box::new(m.rate_limited.clone()))?;
+        m.registry.register(Box::new(m.rejected.clone()))?;
+        m.registry.register(Box::new(m.engine_active.clone()))?;
+        m.registry.register(Box::new(m.engine_queued.clone()))?;
+        m.registry.register(Box::new(m.engine_cancelled.clone()))?;
+        Ok(m)
+    }
+
+    /// Prometheus text exposition, with the engines' gauges refreshed first.
+    pub fn render(&self, models: &ModelRegistry) -> String {
+        for (version, model) in models.iter() {
+            let stats = model.stats();
+            self.engine_active.with_label_values(&[version]).set(stats.active as i64);
+            self.engine_queued.with_label_values(&[version]).set(stats.queued as i64);
+            self.engine_cancelled.with_label_values(&[version]).set(stats.cancelled as i64);
+        }
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

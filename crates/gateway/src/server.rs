@@ -1,0 +1,98 @@
+//! Start-up and shutdown: load every configured model, bind, serve, and drain on SIGTERM/SIGINT.
+//!
+//! Shutdown: stop accepting at once and mark readiness 503; open streams may finish for
+//! `--drain-timeout-secs`; then the remaining streams get an error event and `[DONE]`, and the
+//! process exits 0.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{HttpServer, web};
+use slog::{Logger, error, info};
+use streamgate_inference::{EngineConfig, Generator, OnnxEngine};
+
+use crate::app::{AppState, create_app};
+use crate::model_registry::ModelRegistry;
+use crate::settings::Settings;
+
+/// Load each `--model VERSION=DIR` on its own engine (worker thread + ORT session).
+pub fn load_models(settings: &Settings, logger: &Logger) -> Result<ModelRegistry, String> {
+    let mut registry = ModelRegistry::new();
+    for spec in &settings.models {
+        let started = Instant::now();
+        let engine = OnnxEngine::start(&EngineConfig {
+            model_dir: spec.dir.clone(),
+            ort_dylib_path: settings.ort_dylib_path.clone(),
+            intra_threads: settings.intra_threads_or_cores(),
+            max_active: settings.max_active_sequences,
+            queue_capacity: settings.queue_capacity,
+        })
+        .map_err(|e| format!("model version {}: {e}", spec.version))?;
+        let info = engine.info();
+        info!(logger, "model loaded";
+            "version" => &spec.version, "name" => &info.name, "path" => info.path.display().to_string(),
+            "context_length" => info.context_length, "vocab_size" => info.vocab_size,
+            "load_ms" => started.elapsed().as_millis() as u64);
+        registry.insert(spec.version.clone(), Arc::new(engine) as Arc<dyn Generator>);
+    }
+    Ok(registry)
+}
+
+/// Serve until a shutdown signal has been handled. Logs `listening` with the bound `address`.
+pub async fn serve(state: web::Data<AppState>) -> std::io::Result<()> {
+    let settings = &state.settings;
+    let logger = state.logger.clone();
+    let drain = Duration::from_secs(settings.drain_timeout_secs);
+    let app_state = state.clone();
+    let server = HttpServer::new(move || create_app(app_state.clone()))
+        .workers(settings.http_workers_or_cores())
+        .backlog(settings.listen_backlog)
+        .disable_signals()
+        // After the drain timeout, streams end themselves; allow a moment to flush those events.
+        .shutdown_timeout(settings.drain_timeout_secs + 5)
+        .bind((settings.host.as_str(), settings.port))?;
+    for address in server.addrs() {
+        info!(logger, "listening"; "address" => address.to_string(),
+            "versions" => state.models.versions().collect::<Vec<_>>().join(","));
+    }
+    let server = server.run();
+    let handle = server.handle();
+    let shutdown_state = state.clone();
+    actix_web::rt::spawn(async move {
+        let signal = wait_for_signal().await;
+        info!(shutdown_state.logger, "shutting down"; "signal" => signal, "drain_timeout_s" => drain.as_secs());
+        shutdown_state.shutdown.begin_drain();
+        let stopped = handle.stop(true);
+        actix_web::rt::spawn(async move {
+            actix_web::rt::time::sleep(drain).await;
+            info!(shutdown_state.logger, "drain timeout reached: ending open streams");
+            shutdown_state.shutdown.end_streams();
+        });
+        stopped.await;
+    });
+    let result = server.await;
+    info!(logger, "stopped");
+    result
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        },
+        _ => {
+            // Without signal handlers we can only run until killed.
+            std::future::pending::<()>().await;
+            "none"
+        }
+    }
+}
+
+/// Log a fatal start-up error as JSON and say it on stderr too (the log may be piped away).
+pub fn fatal(logger: &Logger, message: &str) {
+    error!(logger, "start-up failed"; "error" => message);
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "streamgate: {message}");
+}

@@ -1,0 +1,265 @@
+//! The one settings struct: every option is a CLI flag and an environment variable (clap `env`),
+//! parsed once in `main`, validated before anything starts. `streamgate --help` lists them all.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::Parser;
+
+/// A model version served at `/api/<version>/…`, from a model folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub version: String,
+    pub dir: PathBuf,
+}
+
+impl FromStr for ModelSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (version, dir) =
+            s.split_once('=').ok_or_else(|| format!("'{s}' is not VERSION=DIR (e.g. v1=models/a)"))?;
+        let valid = !version.is_empty()
+            && version.len() <= 32
+            && version
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            && version.bytes().next().is_some_and(|b| b.is_ascii_lowercase());
+        if !valid {
+            return Err(format!(
+                "version '{version}' must be a lowercase name like v1 (letters, digits, - and _)"
+            ));
+        }
+        if dir.is_empty() {
+            return Err(format!("version '{version}' has an empty model folder"));
+        }
+        Ok(Self { version: version.to_owned(), dir: PathBuf::from(dir) })
+    }
+}
+
+impl fmt::Display for ModelSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.version, self.dir.display())
+    }
+}
+
+/// Log levels accepted by `--log-level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// streamgate: stream model output to browsers and chat UIs as server-sent events.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "streamgate", version, about, max_term_width = 100)]
+pub struct Settings {
+    /// Address to listen on.
+    #[arg(long, env = "STREAMGATE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on (0 picks a free port; the bound address is logged as `address`).
+    #[arg(long, env = "STREAMGATE_PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Model versions as VERSION=DIR, each served at /api/VERSION/… from its own loaded model.
+    /// Repeat the flag, or give a comma-separated list in the environment variable.
+    #[arg(
+        long = "model",
+        env = "STREAMGATE_MODELS",
+        value_delimiter = ',',
+        default_value = "v1=.cache/models/smollm2-135m-instruct"
+    )]
+    pub models: Vec<ModelSpec>,
+
+    /// Path of the ONNX Runtime shared library (libonnxruntime.so.1.31.1; `make setup` fetches it).
+    #[arg(long, env = "ORT_DYLIB_PATH", default_value = streamgate_inference::runtime::DEFAULT_DYLIB_PATH)]
+    pub ort_dylib_path: PathBuf,
+
+    /// ONNX Runtime intra-op threads per model (0 = the machine's cores).
+    #[arg(long, env = "STREAMGATE_INTRA_THREADS", default_value_t = 0)]
+    pub intra_threads: usize,
+
+    /// Generations decoded concurrently per model (round-robin on one worker thread).
+    #[arg(long, env = "STREAMGATE_MAX_ACTIVE_SEQUENCES", default_value_t = 4)]
+    pub max_active_sequences: usize,
+
+    /// Requests that may wait for a free generation slot; beyond it, 503 with Retry-After.
+    #[arg(long, env = "STREAMGATE_QUEUE_CAPACITY", default_value_t = 16)]
+    pub queue_capacity: usize,
+
+    /// Browser origins allowed by CORS, exactly (comma-separated), e.g. https://app.example.com.
+    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// A regular expression for more allowed origins (preview deploys), matched against the whole
+    /// origin, e.g. `https://your-project-[a-z0-9-]+\.vercel\.app`.
+    #[arg(long, env = "ALLOWED_ORIGIN_REGEX")]
+    pub allowed_origin_regex: Option<String>,
+
+    /// Log level of the JSON logs on stdout.
+    #[arg(long, env = "STREAMGATE_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+
+    /// Seconds between SSE keep-alive comments while no token is ready (≥ 1).
+    #[arg(long, env = "STREAMGATE_SSE_KEEP_ALIVE_SECS", default_value_t = 15)]
+    pub sse_keep_alive_secs: u64,
+
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "STREAMGATE_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Largest accepted prompt, in bytes (the token limit is the model's context).
+    #[arg(long, env = "STREAMGATE_MAX_PROMPT_BYTES", default_value_t = 32 * 1024)]
+    pub max_prompt_bytes: usize,
+
+    /// Largest `max_tokens` a request may ask for.
+    #[arg(long, env = "STREAMGATE_MAX_TOKENS_LIMIT", default_value_t = 1024)]
+    pub max_tokens_limit: usize,
+
+    /// `max_tokens` when a request does not say.
+    #[arg(long, env = "STREAMGATE_DEFAULT_MAX_TOKENS", default_value_t = 256)]
+    pub default_max_tokens: usize,
+
+    /// On SIGTERM/SIGINT, seconds open streams may run before they are ended with an error event.
+    #[arg(long, env = "STREAMGATE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+
+    /// HTTP worker threads (0 = the machine's cores).
+    #[arg(long, env = "STREAMGATE_HTTP_WORKERS", default_value_t = 0)]
+    pub http_workers: usize,
+
+    /// Listen backlog: connections the kernel queues before accept (bursts of new streams).
+    #[arg(long, env = "STREAMGATE_LISTEN_BACKLOG", default_value_t = 4096)]
+    pub listen_backlog: u32,
+}
+
+/// A setting that cannot work, named so the operator knows which one to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {setting}: {message}")]
+pub struct SettingsError {
+    pub setting: &'static str,
+    pub message: String,
+}
+
+impl Settings {
+    /// Checks clap cannot express. Returns the compiled origin regex so it is built once.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let fail = |setting: &'static str, message: String| Err(SettingsError { setting, message });
+        if self.models.is_empty() {
+            return fail("--model / STREAMGATE_MODELS", "at least one VERSION=DIR is required".into());
+        }
+        let mut versions: Vec<&str> = self.models.iter().map(|m| m.version.as_str()).collect();
+        versions.sort_unstable();
+        if let Some(w) = versions.windows(2).find(|w| w[0] == w[1]) {
+            return fail("--model / STREAMGATE_MODELS", format!("version '{}' is given twice", w[0]));
+        }
+        if self.sse_keep_alive_secs == 0 || self.sse_keep_alive_secs > 3600 {
+            return fail("--sse-keep-alive-secs / STREAMGATE_SSE_KEEP_ALIVE_SECS", "must be 1..=3600".into());
+        }
+        if self.max_active_sequences == 0 || self.max_active_sequences > 256 {
+            return fail(
+                "--max-active-sequences / STREAMGATE_MAX_ACTIVE_SEQUENCES",
+                "must be 1..=256".into(),
+            );
+        }
+        if self.queue_capacity == 0 {
+            return fail("--queue-capacity / STREAMGATE_QUEUE_CAPACITY", "must be at least 1".into());
+        }
+        if self.max_tokens_limit == 0 {
+            return fail("--max-tokens-limit / STREAMGATE_MAX_TOKENS_LIMIT", "must be at least 1".into());
+        }
+        if self.default_max_tokens == 0 || self.default_max_tokens > self.max_tokens_limit {
+            return fail(
+                "--default-max-tokens / STREAMGATE_DEFAULT_MAX_TOKENS",
+                format!("must be 1..={} (the max tokens limit)", self.max_tokens_limit),
+            );
+        }
+        if self.max_body_bytes < 1024 {
+            return fail("--max-body-bytes / STREAMGATE_MAX_BODY_BYTES", "must be at least 1024".into());
+        }
+        if self.max_prompt_bytes == 0 || self.max_prompt_bytes > self.max_body_bytes {
+            return fail(
+                "--max-prompt-bytes / STREAMGATE_MAX_PROMPT_BYTES",
+                "must be at least 1 and at most the max body size".into(),
+            );
+        }
+        for origin in &self.allowed_origins {
+            if let Err(message) = crate::cors::check_origin_setting(origin) {
+                return fail("--allowed-origins / ALLOWED_ORIGINS", message);
+            }
+        }
+        if let Some(pattern) = &self.allowed_origin_regex
+            && let Err(e) = crate::cors::compile_origin_regex(pattern)
+        {
+            return fail("--allowed-origin-regex / ALLOWED_ORIGIN_REGEX", e.to_string());
+        }
+        Ok(())
+    }
+
+    pub fn intra_threads_or_cores(&self) -> usize {
+        if self.intra_threads > 0 { self.intra_threads } else { available_cores() }
+    }
+
+    pub fn http_workers_or_cores(&self) -> usize {
+        if self.http_workers > 0 { self.http_workers } else { available_cores() }
+    }
+
+    /// Settings for tests and embedding: the defaults, as if no flag or variable were given.
+    pub fn defaults() -> Self {
+        Self::parse_from(["streamgate"])
+    }
+}
+
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map(usize::from).unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Settings, String> {
+        let mut all = vec!["streamgate"];
+        all.extend_from_slice(args);
+        Settings::try_parse_from(all).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn model_specs_parse_and_repeat() {
+        let s = parse(&["--model", "v1=models/a", "--model", "v2=models/b"])
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(
+            s.models.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+            ["v1=models/a", "v2=models/b"]
+        );
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        assert!(parse(&["--model", "nonsense"]).is_err_and(|e| e.contains("VERSION=DIR")));
+        assert!(parse(&["--model", "V1=x"]).is_err_and(|e| e.contains("lowercase")));
+        assert!(parse(&["--port", "70000"]).is_err_and(|e| e.contains("--port")));
+        let dup = parse(&["--model", "v1=a", "--model", "v1=b"]).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(dup.validate().is_err_and(|e| e.setting.contains("--model") && e.message.contains("twice")));
+        let regex =
+            parse(&["--allowed-origin-regex", "https://(unclosed"]).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(regex.validate().is_err_and(|e| e.setting.contains("ALLOWED_ORIGIN_REGEX")));
+        let origin = parse(&["--allowed-origins", "example.com"]).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(origin.validate().is_err_and(|e| e.setting.contains("ALLOWED_ORIGINS")));
+        let tokens = parse(&["--default-max-tokens", "5000"]).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(tokens.validate().is_err_and(|e| e.setting.contains("--default-max-tokens")));
+        let keep_alive = parse(&["--sse-keep-alive-secs", "0"]).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(keep_alive.validate().is_err());
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert!(Settings::defaults().validate().is_ok());
+    }
+}

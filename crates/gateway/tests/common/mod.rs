@@ -1,0 +1,204 @@
+//! Helpers for the gateway's tests: the real binary on 127.0.0.1:0 (end-to-end), the in-process
+//! app over the tiny model (route tests), and an SSE reader for the wire format.
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::web;
+use streamgate_gateway::app::AppState;
+use streamgate_gateway::logging::discard_logger;
+use streamgate_gateway::model_registry::ModelRegistry;
+use streamgate_gateway::settings::Settings;
+use streamgate_inference::{EngineConfig, Generator, OnnxEngine};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn tiny_model() -> PathBuf {
+    repo_root().join("models/tiny-llama")
+}
+
+pub fn smollm2() -> PathBuf {
+    let dir = repo_root().join(".cache/models/smollm2-135m-instruct");
+    assert!(dir.join("model.onnx").is_file(), "{} is missing: run `make setup`", dir.display());
+    dir
+}
+
+pub fn ort_dylib() -> PathBuf {
+    repo_root().join(streamgate_inference::runtime::DEFAULT_DYLIB_PATH)
+}
+
+/// Settings as the binary would parse them from `args`.
+pub fn settings(args: &[&str]) -> Settings {
+    use clap::Parser;
+    let mut all = vec!["streamgate"];
+    all.extend_from_slice(args);
+    let s = Settings::parse_from(all);
+    s.validate().expect("valid test settings");
+    s
+}
+
+/// In-process state over the tiny model, served as v1 and v2, with the given settings.
+pub fn tiny_state(args: &[&str]) -> web::Data<AppState> {
+    let mut s = settings(args);
+    s.ort_dylib_path = ort_dylib();
+    let mut models = ModelRegistry::new();
+    for version in ["v1", "v2"] {
+        let engine = OnnxEngine::start(&EngineConfig {
+            model_dir: tiny_model(),
+            ort_dylib_path: ort_dylib(),
+            intra_threads: 1,
+            max_active: s.max_active_sequences,
+            queue_capacity: s.queue_capacity,
+        })
+        .expect("tiny model loads (run `make setup`)");
+        models.insert(version, Arc::new(engine) as Arc<dyn Generator>);
+    }
+    web::Data::new(AppState::new(s, models, discard_logger()).expect("state"))
+}
+
+/// The `data:` payloads of an SSE body, in order (comments skipped).
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| {
+            let data: Vec<&str> = event.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+            (!data.is_empty()).then(|| data.join("\n"))
+        })
+        .collect()
+}
+
+/// The real `streamgate` binary, killed on drop. Its JSON log lines are collected.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub logs: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Server {
+    /// Start with `args` (plus `--port 0`) and wait for the `listening` log line.
+    pub fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_streamgate"))
+            .args(["--host", "127.0.0.1", "--port", "0", "--ort-dylib-path"])
+            .arg(ort_dylib())
+            .args(args)
+            .current_dir(repo_root())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn streamgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    panic!("log line is not JSON: {line}");
+                };
+                if value["msg"] == "listening" {
+                    let _ = tx.send(value["address"].as_str().unwrap_or_default().to_owned());
+                }
+                sink.lock().unwrap().push(value);
+            }
+        });
+        let address = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("output");
+                panic!("server did not start: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        };
+        Server { child, base: format!("http://{address}"), logs }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Log records with this `msg`.
+    pub fn logs_with(&self, msg: &str) -> Vec<serde_json::Value> {
+        self.logs.lock().unwrap().iter().filter(|v| v["msg"] == msg).cloned().collect()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").args(["-s", name, &self.pid().to_string()]).status().expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP client for tests: awc with a long timeout (streams last seconds).
+pub fn client() -> awc::Client {
+    awc::Client::builder().timeout(Duration::from_secs(120)).finish()
+}
+
+/// Read an SSE response incrementally: yields each `data:` payload as it arrives.
+pub struct SseReader<S> {
+    body: S,
+    buffer: String,
+}
+
+impl<S> SseReader<S>
+where
+    S: futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>> + Unpin,
+{
+    pub fn new(body: S) -> Self {
+        Self { body, buffer: String::new() }
+    }
+
+    /// The next `data:` payload, or `None` at the end of the body.
+    pub async fn next_data(&mut self) -> Option<String> {
+        use futures_util::StreamExt;
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let event: String = self.buffer.drain(..end + 2).collect();
+                let data: Vec<&str> = event.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+                if !data.is_empty() {
+                    return Some(data.join("\n"));
+                }
+            }
+            match self.body.next().await {
+                Some(Ok(bytes)) => self.buffer.push_str(std::str::from_utf8(&bytes).expect("utf-8 SSE")),
+                Some(Err(e)) => panic!("stream error: {e}"),
+                None => return None,
+            }
+        }
+    }
+
+    /// Every remaining payload.
+    pub async fn rest(&mut self) -> Vec<String> {
+        let mut all = Vec::new();
+        while let Some(d) = self.next_data().await {
+            all.push(d);
+        }
+        all
+    }
+}
+
+/// A value from the Prometheus text at /metrics (first sample whose line starts with `prefix`).
+pub fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(prefix))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
