@@ -12,11 +12,14 @@ PY       := $(VENV)/bin/python
 ORT_LIB  := $(CACHE)/onnxruntime/libonnxruntime.so.1.31.1
 SMOLLM2  := $(CACHE)/models/smollm2-135m-instruct
 TINY     := models/tiny-llama
-PREP_PY  := $(wildcard scripts/model_prep/*.py)
+PREP_PY  := $(addprefix scripts/model_prep/,gguf_to_onnx.py llama_onnx.py hf_files.py)
+CHROMIUM := /usr/bin/chromium
+NODE_DEPS := tests/browser/node_modules/.package-lock.json
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 
-.PHONY: help setup venv ort model run test test-rust test-python lint fmt clean
+.PHONY: help setup venv ort model run test test-rust test-python test-browser browser-deps lint fmt clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,7 +43,7 @@ $(SMOLLM2)/model.onnx: $(PREP_PY) scripts/prepare_smollm2.sh scripts/pins.env | 
 run: setup ## start the gateway on the default model (http://127.0.0.1:8000)
 	cargo run --release -p streamgate-gateway --bin streamgate -- --model v1=$(SMOLLM2)
 
-test: setup lint test-rust test-python ## every test: Rust (unit, route, end-to-end) and Python references
+test: setup lint test-rust test-python test-browser ## every test: Rust, Python references, browser and client libraries
 
 lint: ## rustfmt and clippy (warnings are errors)
 	cargo fmt --all -- --check
@@ -55,6 +58,17 @@ test-rust: setup
 test-python: setup
 	cargo build --quiet -p streamgate-inference --example reference_dump
 	$(PY) -m pytest tests/python -q
+
+browser-deps: $(CHROMIUM) $(NODE_DEPS) ## Debian's Chromium and the test's npm packages
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+$(NODE_DEPS): tests/browser/package.json tests/browser/package-lock.json
+	cd tests/browser && npm ci --no-audit --no-fund --loglevel=error
+
+test-browser: setup browser-deps
+	cargo build --quiet -p streamgate-gateway --bin streamgate
+	cd tests/browser && node --test --test-concurrency=1
 
 tiny-model: venv ## regenerate the committed tiny test model (deterministic)
 	$(PY) scripts/model_prep/make_tiny_model.py $(TINY) --no-past-fixture models/fixtures/no-past

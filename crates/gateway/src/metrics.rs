@@ -22,6 +22,7 @@ pub struct Metrics {
     engine_active: IntGaugeVec,
     engine_queued: IntGaugeVec,
     engine_cancelled: IntGaugeVec,
+    engine_tokens: IntGaugeVec,
 }
 
 impl Metrics {
@@ -74,6 +75,10 @@ impl Metrics {
                 Opts::new("engine_cancelled_generations", "Generations cancelled because the client left"),
                 &["version"],
             )?,
+            engine_tokens: IntGaugeVec::new(
+                Opts::new("engine_tokens_generated", "Tokens sampled by the engine since start"),
+                &["version"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.requests.clone()))?;
@@ -86,6 +91,7 @@ impl Metrics {
         m.registry.register(Box::new(m.engine_active.clone()))?;
         m.registry.register(Box::new(m.engine_queued.clone()))?;
         m.registry.register(Box::new(m.engine_cancelled.clone()))?;
+        m.registry.register(Box::new(m.engine_tokens.clone()))?;
         Ok(m)
     }
 
@@ -96,6 +102,7 @@ impl Metrics {
             self.engine_active.with_label_values(&[version]).set(stats.active as i64);
             self.engine_queued.with_label_values(&[version]).set(stats.queued as i64);
             self.engine_cancelled.with_label_values(&[version]).set(stats.cancelled as i64);
+            self.engine_tokens.with_label_values(&[version]).set(stats.tokens_generated as i64);
         }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.

@@ -131,6 +131,18 @@ impl Server {
         self.logs.lock().unwrap().iter().filter(|v| v["msg"] == msg).cloned().collect()
     }
 
+    /// Wait (bounded) for a `request` log line for `path`: it is written when the response body
+    /// ends, which may be just after the client has read the last event.
+    pub fn request_log(&self, path: &str) -> serde_json::Value {
+        for _ in 0..200 {
+            if let Some(line) = self.logs_with("request").into_iter().find(|l| l["path"] == path) {
+                return line;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("no request log line for {path}");
+    }
+
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill").args(["-s", name, &self.pid().to_string()]).status().expect("kill");
         assert!(status.success());
