@@ -19,6 +19,7 @@ SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 
+.PHONY: bench bench-engine
 .PHONY: help setup venv ort model run test test-rust test-python test-browser browser-deps lint fmt clean
 
 help: ## list the targets
@@ -69,6 +70,21 @@ $(NODE_DEPS): tests/browser/package.json tests/browser/package-lock.json
 test-browser: setup browser-deps
 	cargo build --quiet -p streamgate-gateway --bin streamgate
 	cd tests/browser && node --test --test-concurrency=1
+
+BENCH_PROMPT := <|im_start|>user\nCount from 1 to 300, separated by commas.<|im_end|>\n<|im_start|>assistant\n
+BENCH_THREADS ?= $(shell nproc)
+
+bench: bench-engine ## every benchmark (results: docs/benchmarks.md)
+
+bench-engine: setup ## one stream: Rust engine vs the Python onnxruntime loop, same model, same threads
+	cargo build --release --quiet -p streamgate-benches --bin engine-bench
+	@mkdir -p target/bench
+	@prompt=$$(printf '$(BENCH_PROMPT)'); : > target/bench/engine.jsonl; \
+	for model in $(SMOLLM2) $(TINY); do \
+	  target/release/engine-bench --model $$model --ort $(ORT_LIB) --prompt "$$prompt" --tokens 64 --runs 5 --threads $(BENCH_THREADS) >> target/bench/engine.jsonl; \
+	  $(PY) benches/python/ort_loop.py --model $$model --prompt "$$prompt" --tokens 64 --runs 5 --threads $(BENCH_THREADS) >> target/bench/engine.jsonl; \
+	done
+	$(PY) benches/python/engine_table.py < target/bench/engine.jsonl
 
 tiny-model: venv ## regenerate the committed tiny test model (deterministic)
 	$(PY) scripts/model_prep/make_tiny_model.py $(TINY) --no-past-fixture models/fixtures/no-past

@@ -34,7 +34,11 @@ async fn metrics(server: &Server) -> String {
 }
 
 async fn open_stream(server: &Server, version: &str, body: Value) -> SseReader<awc::ClientResponse> {
-    let res = client().post(server.url(&format!("/api/{version}/inference/stream"))).send_json(&body).await.unwrap();
+    let res = client()
+        .post(server.url(&format!("/api/{version}/inference/stream")))
+        .send_json(&body)
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     SseReader::new(res)
 }
@@ -42,7 +46,9 @@ async fn open_stream(server: &Server, version: &str, body: Value) -> SseReader<a
 #[actix_rt::test]
 async fn tokens_stream_as_they_are_produced_from_both_versions() {
     let server = start(&[]);
-    let mut v1 = open_stream(&server, "v1", json!({"prompt": LONG, "chat": true, "max_tokens": 48, "temperature": 0})).await;
+    let mut v1 =
+        open_stream(&server, "v1", json!({"prompt": LONG, "chat": true, "max_tokens": 48, "temperature": 0}))
+            .await;
     let first: Value = serde_json::from_str(&v1.next_data().await.unwrap()).unwrap();
     assert_eq!(first["index"], 0);
     // The first token reached us while the model was still generating: nothing buffered it.
@@ -85,7 +91,12 @@ async fn the_real_model_answers_through_the_gateway() {
 #[actix_rt::test]
 async fn client_disconnect_cancels_the_generation() {
     let server = start(&[]);
-    let mut stream = open_stream(&server, "v1", json!({"prompt": LONG, "chat": true, "max_tokens": 500, "temperature": 0})).await;
+    let mut stream = open_stream(
+        &server,
+        "v1",
+        json!({"prompt": LONG, "chat": true, "max_tokens": 500, "temperature": 0}),
+    )
+    .await;
     assert!(stream.next_data().await.is_some());
     drop(stream);
 
@@ -101,12 +112,20 @@ async fn client_disconnect_cancels_the_generation() {
     }
     assert_eq!(metric(&last, r#"streamgate_engine_active_generations{version="v1"}"#), Some(0.0), "{last}");
     assert_eq!(metric(&last, r#"streamgate_active_streams{version="v1"}"#), Some(0.0), "{last}");
-    assert_eq!(metric(&last, r#"streamgate_engine_cancelled_generations{version="v1"}"#), Some(1.0), "{last}");
+    assert_eq!(
+        metric(&last, r#"streamgate_engine_cancelled_generations{version="v1"}"#),
+        Some(1.0),
+        "{last}"
+    );
     let tokens = metric(&last, r#"streamgate_engine_tokens_generated{version="v1"}"#).unwrap();
     assert!(tokens < 500.0, "generation stopped early ({tokens} tokens)");
     actix_rt::time::sleep(Duration::from_millis(500)).await;
     let later = metrics(&server).await;
-    assert_eq!(metric(&later, r#"streamgate_engine_tokens_generated{version="v1"}"#), Some(tokens), "no work continues");
+    assert_eq!(
+        metric(&later, r#"streamgate_engine_tokens_generated{version="v1"}"#),
+        Some(tokens),
+        "no work continues"
+    );
     let log = server.request_log("/api/v1/inference/stream");
     assert_eq!(log["finish_reason"], "client_disconnected");
 }
@@ -115,7 +134,12 @@ async fn client_disconnect_cancels_the_generation() {
 async fn keep_alive_comments_flow_while_a_request_waits() {
     // One generation slot: the second stream waits behind the first, sending keep-alives.
     let server = start(&["--max-active-sequences", "1", "--sse-keep-alive-secs", "1"]);
-    let mut first = open_stream(&server, "v1", json!({"prompt": LONG, "chat": true, "max_tokens": 160, "temperature": 0})).await;
+    let mut first = open_stream(
+        &server,
+        "v1",
+        json!({"prompt": LONG, "chat": true, "max_tokens": 160, "temperature": 0}),
+    )
+    .await;
     assert!(first.next_data().await.is_some());
 
     let mut waiting = client()
@@ -138,7 +162,12 @@ async fn keep_alive_comments_flow_while_a_request_waits() {
 #[actix_rt::test]
 async fn sigterm_drains_open_streams_then_ends_them() {
     let server = start(&["--drain-timeout-secs", "2"]);
-    let mut long = open_stream(&server, "v1", json!({"prompt": LONG, "chat": true, "max_tokens": 1000, "temperature": 0})).await;
+    let mut long = open_stream(
+        &server,
+        "v1",
+        json!({"prompt": LONG, "chat": true, "max_tokens": 1000, "temperature": 0}),
+    )
+    .await;
     let mut short = open_stream(&server, "v2", json!({"prompt": "Hi", "max_tokens": 3})).await;
     assert!(long.next_data().await.is_some());
 
@@ -187,7 +216,8 @@ fn invalid_settings_stop_start_up_naming_the_setting() {
     let (code, err) = run(&[], &[("STREAMGATE_SSE_KEEP_ALIVE_SECS", "0")]);
     assert_eq!(code, Some(2));
     assert!(err.contains("STREAMGATE_SSE_KEEP_ALIVE_SECS"), "{err}");
-    let (code, err) = run(&["--model", "v1=/nonexistent/model", "--ort-dylib-path", ort_dylib().to_str().unwrap()], &[]);
+    let (code, err) =
+        run(&["--model", "v1=/nonexistent/model", "--ort-dylib-path", ort_dylib().to_str().unwrap()], &[]);
     assert_eq!(code, Some(1));
     assert!(err.contains("v1") && err.contains("/nonexistent/model"), "{err}");
     let (code, err) = run(&["--ort-dylib-path", "/nonexistent/libonnxruntime.so"], &[]);
@@ -201,9 +231,19 @@ fn help_documents_every_setting() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for env in [
-        "STREAMGATE_HOST", "STREAMGATE_PORT", "STREAMGATE_MODELS", "ORT_DYLIB_PATH", "ALLOWED_ORIGINS",
-        "ALLOWED_ORIGIN_REGEX", "STREAMGATE_LOG_LEVEL", "STREAMGATE_SSE_KEEP_ALIVE_SECS", "STREAMGATE_DRAIN_TIMEOUT_SECS",
-        "STREAMGATE_MAX_BODY_BYTES", "STREAMGATE_MAX_PROMPT_BYTES", "STREAMGATE_MAX_TOKENS_LIMIT", "STREAMGATE_QUEUE_CAPACITY",
+        "STREAMGATE_HOST",
+        "STREAMGATE_PORT",
+        "STREAMGATE_MODELS",
+        "ORT_DYLIB_PATH",
+        "ALLOWED_ORIGINS",
+        "ALLOWED_ORIGIN_REGEX",
+        "STREAMGATE_LOG_LEVEL",
+        "STREAMGATE_SSE_KEEP_ALIVE_SECS",
+        "STREAMGATE_DRAIN_TIMEOUT_SECS",
+        "STREAMGATE_MAX_BODY_BYTES",
+        "STREAMGATE_MAX_PROMPT_BYTES",
+        "STREAMGATE_MAX_TOKENS_LIMIT",
+        "STREAMGATE_QUEUE_CAPACITY",
     ] {
         assert!(help.contains(env), "--help does not mention {env}");
     }

@@ -47,6 +47,9 @@ pub struct EngineConfig {
 
 type EventSender = UnboundedSender<Result<GenerationEvent>>;
 
+/// Prompts up to this size are tokenized on the calling task (tens of microseconds).
+const INLINE_TOKENIZE_BYTES: usize = 1024;
+
 struct Job {
     prompt_ids: Vec<u32>,
     request: GenerationRequest,
@@ -135,10 +138,16 @@ impl Generator for OnnxEngine {
         let (capacity, context_length) = (self.queue_capacity, self.info.context_length);
         Box::pin(async move {
             checked?;
-            let prompt = request.prompt.clone();
-            let prompt_ids = tokio::task::spawn_blocking(move || tokenizer.encode(&prompt))
-                .await
-                .map_err(|_| InferenceError::EngineStopped)??;
+            // Short prompts encode in microseconds, less than a hand-off to the blocking pool costs;
+            // long ones (up to milliseconds) go there so the caller's event loop never stalls.
+            let prompt_ids = if request.prompt.len() <= INLINE_TOKENIZE_BYTES {
+                tokenizer.encode(&request.prompt)?
+            } else {
+                let prompt = request.prompt.clone();
+                tokio::task::spawn_blocking(move || tokenizer.encode(&prompt))
+                    .await
+                    .map_err(|_| InferenceError::EngineStopped)??
+            };
             if prompt_ids.is_empty() {
                 return Err(InferenceError::InvalidRequest("the prompt encodes to no tokens".into()));
             }

@@ -1,2 +1,0 @@
-//! Placeholder; the load generator arrives with the benchmarks issue.
-fn main() {}
