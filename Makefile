@@ -19,7 +19,7 @@ SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 
-.PHONY: bench bench-engine
+.PHONY: bench bench-engine bench-micro
 .PHONY: help setup venv ort model run test test-rust test-python test-browser browser-deps lint fmt clean
 
 help: ## list the targets
@@ -74,16 +74,19 @@ test-browser: setup browser-deps
 BENCH_PROMPT := <|im_start|>user\nCount from 1 to 300, separated by commas.<|im_end|>\n<|im_start|>assistant\n
 BENCH_THREADS ?= $(shell nproc)
 
-bench: bench-engine ## every benchmark (results: docs/benchmarks.md)
+bench: bench-engine bench-micro ## every benchmark (results: docs/benchmarks.md)
 
-bench-engine: setup ## one stream: Rust engine vs the Python onnxruntime loop, same model, same threads
+bench-micro: ## criterion: rate-limit check with 1M clients, SSE event encoding; limiter memory
+	cargo bench -p streamgate-gateway --bench hot_path -- --warm-up-time 1 --measurement-time 3
+
+bench-engine: setup ## one stream: Rust engine vs the Python onnxruntime loop, alternating rounds, same threads
 	cargo build --release --quiet -p streamgate-benches --bin engine-bench
 	@mkdir -p target/bench
 	@prompt=$$(printf '$(BENCH_PROMPT)'); : > target/bench/engine.jsonl; \
-	for model in $(SMOLLM2) $(TINY); do \
-	  target/release/engine-bench --model $$model --ort $(ORT_LIB) --prompt "$$prompt" --tokens 64 --runs 5 --threads $(BENCH_THREADS) >> target/bench/engine.jsonl; \
-	  $(PY) benches/python/ort_loop.py --model $$model --prompt "$$prompt" --tokens 64 --runs 5 --threads $(BENCH_THREADS) >> target/bench/engine.jsonl; \
-	done
+	for round in 1 2 3; do for model in $(SMOLLM2) $(TINY); do \
+	  target/release/engine-bench --model $$model --ort $(ORT_LIB) --prompt "$$prompt" --tokens 64 --runs 4 --threads $(BENCH_THREADS) >> target/bench/engine.jsonl; \
+	  $(PY) benches/python/ort_loop.py --model $$model --prompt "$$prompt" --tokens 64 --runs 4 --threads $(BENCH_THREADS) >> target/bench/engine.jsonl; \
+	done; done
 	$(PY) benches/python/engine_table.py < target/bench/engine.jsonl
 
 tiny-model: venv ## regenerate the committed tiny test model (deterministic)

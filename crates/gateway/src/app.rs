@@ -1,5 +1,6 @@
 //! Application state and the one `create_app` used by `main` and by every test.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use actix_web::body::MessageBody;
@@ -9,10 +10,12 @@ use actix_web::{App, web};
 use slog::Logger;
 use tokio::sync::watch;
 
+use crate::client_identity::{ApiKeys, ClientResolver};
 use crate::cors::{OriginPolicy, cors_middleware};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::model_registry::ModelRegistry;
+use crate::rate_limit::{RateLimits, StreamSlots, client_middleware};
 use crate::request_log::request_log_middleware;
 use crate::routes;
 use crate::settings::Settings;
@@ -26,6 +29,10 @@ pub struct AppState {
     pub logger: Logger,
     pub origin_policy: OriginPolicy,
     pub shutdown: Shutdown,
+    pub api_keys: Option<ApiKeys>,
+    pub client_resolver: ClientResolver,
+    pub rate_limits: RateLimits,
+    pub stream_slots: Arc<StreamSlots>,
 }
 
 impl AppState {
@@ -35,7 +42,35 @@ impl AppState {
             OriginPolicy::new(&settings.allowed_origins, settings.allowed_origin_regex.as_deref())
                 .map_err(|e| format!("ALLOWED_ORIGIN_REGEX: {e}"))?;
         let metrics = Metrics::new().map_err(|e| format!("metrics: {e}"))?;
-        Ok(Self { settings, models, metrics, logger, origin_policy, shutdown: Shutdown::new() })
+        let api_keys = ApiKeys::load(&settings.api_keys, settings.api_keys_file.as_deref())
+            .map_err(|e| format!("API_KEYS: {e}"))?;
+        let client_resolver = ClientResolver::new(settings.trusted_proxies.clone(), settings.ipv6_prefix);
+        let rate_limits = RateLimits::new(
+            models.versions().map(str::to_owned),
+            settings.rate_limit,
+            settings.rate_limit_burst,
+            &settings.rate_limit_rules,
+            settings.rate_limit_exempt.clone(),
+        );
+        let stream_slots = StreamSlots::new(settings.max_streams_per_client);
+        Ok(Self {
+            settings,
+            models,
+            metrics,
+            logger,
+            origin_policy,
+            shutdown: Shutdown::new(),
+            api_keys,
+            client_resolver,
+            rate_limits,
+            stream_slots,
+        })
+    }
+
+    /// Static pages and the API description are served without a key (still rate-limited);
+    /// a browser's EventSource cannot send an Authorization header.
+    pub fn is_public_without_key(&self, path: &str) -> bool {
+        matches!(path, "/" | "/api/docs" | "/api/openapi.json")
     }
 }
 
@@ -75,7 +110,8 @@ impl Shutdown {
     }
 }
 
-/// Build the application: middleware (request log outermost, then CORS), extractor limits that
+/// Build the application: middleware (request log outermost, then CORS, then client identity and
+/// rate limits), extractor limits that
 /// turn malformed input into JSON errors, every route module, and a JSON 404 for the rest.
 pub fn create_app(
     state: web::Data<AppState>,
@@ -100,6 +136,7 @@ pub fn create_app(
         .app_data(json)
         .app_data(query)
         .app_data(payload)
+        .wrap(from_fn(client_middleware))
         .wrap(from_fn(cors_middleware))
         .wrap(from_fn(request_log_middleware))
         .configure(routes::configure)

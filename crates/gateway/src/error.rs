@@ -32,6 +32,12 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("this origin is not allowed to call the API (see ALLOWED_ORIGINS / ALLOWED_ORIGIN_REGEX)")]
     OriginNotAllowed,
+    #[error("a valid API key is required: send Authorization: Bearer <key>")]
+    Unauthorized,
+    #[error("too many requests: slow down (see the RateLimit-* and Retry-After headers)")]
+    RateLimited,
+    #[error("too many open streams for this client (at most {max})")]
+    TooManyStreams { max: usize },
     #[error("the server is busy: {0}")]
     Overloaded(String),
     #[error("the model is not ready")]
@@ -70,6 +76,9 @@ impl ApiError {
             Self::UnknownVersion(_) => "unknown_model_version",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::OriginNotAllowed => "origin_not_allowed",
+            Self::Unauthorized => "unauthorized",
+            Self::RateLimited => "rate_limited",
+            Self::TooManyStreams { .. } => "too_many_streams",
             Self::Overloaded(_) => "overloaded",
             Self::NotReady => "not_ready",
             Self::ShuttingDown => "shutting_down",
@@ -86,15 +95,16 @@ impl ApiError {
 
     /// The message a client sees: the error itself, except for server faults.
     pub fn public_message(&self) -> String {
-        if self.status_code().is_server_error() && !self.is_retryable() {
+        if self.status_code().is_server_error() && self.status_code() != StatusCode::SERVICE_UNAVAILABLE {
             "internal server error".to_owned()
         } else {
             self.to_string()
         }
     }
 
+    /// 503s and the stream cap say when to come back (rate limits set their own headers).
     fn is_retryable(&self) -> bool {
-        self.status_code() == StatusCode::SERVICE_UNAVAILABLE
+        self.status_code() == StatusCode::SERVICE_UNAVAILABLE || matches!(self, Self::TooManyStreams { .. })
     }
 
     /// The JSON of an error sent inside an SSE stream, as a `data:` line (clients that only read
@@ -148,6 +158,8 @@ impl ResponseError for ApiError {
             Self::NotFound(_) | Self::UnknownVersion(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::RateLimited | Self::TooManyStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded(_) | Self::NotReady | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Inference(e) => match e {
                 InferenceError::InvalidRequest(_) | InferenceError::PromptTooLong { .. } => {
@@ -167,6 +179,9 @@ impl ResponseError for ApiError {
         if self.is_retryable() {
             response.insert_header((header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER.as_secs())));
         }
+        if matches!(self, Self::Unauthorized) {
+            response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
         response.json(ErrorBody { error: ErrorDetail { code: self.code(), message: self.public_message() } })
     }
 }
@@ -184,6 +199,9 @@ mod tests {
             (ApiError::UnsupportedMediaType, 415, "unsupported_media_type"),
             (ApiError::UnknownVersion("v9".into()), 404, "unknown_model_version"),
             (ApiError::MethodNotAllowed, 405, "method_not_allowed"),
+            (ApiError::Unauthorized, 401, "unauthorized"),
+            (ApiError::RateLimited, 429, "rate_limited"),
+            (ApiError::TooManyStreams { max: 4 }, 429, "too_many_streams"),
             (InferenceError::Overloaded { capacity: 2 }.into(), 503, "overloaded"),
             (
                 InferenceError::PromptTooLong { prompt_tokens: 9, context_length: 8 }.into(),

@@ -57,6 +57,16 @@ pub async fn serve(state: web::Data<AppState>) -> std::io::Result<()> {
     }
     let server = server.run();
     let handle = server.handle();
+    let sweeper = state.clone();
+    actix_web::rt::spawn(async move {
+        let mut every =
+            actix_web::rt::time::interval(Duration::from_secs(sweeper.settings.rate_limit_evict_secs));
+        loop {
+            every.tick().await;
+            let tracked = sweeper.rate_limits.evict_idle();
+            slog::debug!(sweeper.logger, "rate limiter sweep"; "tracked_clients" => tracked);
+        }
+    });
     let shutdown_state = state.clone();
     actix_web::rt::spawn(async move {
         let signal = wait_for_signal().await;

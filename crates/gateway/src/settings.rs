@@ -5,7 +5,12 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use std::num::NonZeroU32;
+
 use clap::Parser;
+
+use crate::client_identity::Cidr;
+use crate::rate_limit::{RateRule, ScopedRule};
 
 /// A model version served at `/api/<version>/…`, from a model folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +141,54 @@ pub struct Settings {
     /// Listen backlog: connections the kernel queues before accept (bursts of new streams).
     #[arg(long, env = "STREAMGATE_LISTEN_BACKLOG", default_value_t = 4096)]
     pub listen_backlog: u32,
+
+    /// API keys (comma-separated, ≥ 16 characters each). When any key is set (here or in the
+    /// file), requests need `Authorization: Bearer <key>` and the key is the rate-limit client.
+    #[arg(long, env = "API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+
+    /// A file of API keys, one per line (`#` starts a comment).
+    #[arg(long, env = "API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Proxies whose X-Forwarded-For / Forwarded headers are believed (comma-separated CIDRs,
+    /// e.g. 10.0.0.0/8,127.0.0.1). From any other peer those headers are ignored.
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<Cidr>,
+
+    /// IPv6 clients are keyed by this prefix length (one /64 is one client by default).
+    #[arg(long, env = "STREAMGATE_IPV6_PREFIX", default_value_t = 64, value_parser = clap::value_parser!(u8).range(1..=128))]
+    pub ipv6_prefix: u8,
+
+    /// Default per-client rate: COUNT/PERIOD (per s, min, hour), optionally :BURST, or `off`.
+    #[arg(long, env = "STREAMGATE_RATE_LIMIT", default_value = "60/min")]
+    pub rate_limit: RateRule,
+
+    /// Requests a client may make at once before the rate applies (when a rule gives no :BURST).
+    #[arg(long, env = "STREAMGATE_RATE_LIMIT_BURST", default_value = "20")]
+    pub rate_limit_burst: NonZeroU32,
+
+    /// Overrides as SCOPE=RULE (repeat, or comma-separate in the variable), SCOPE being a version
+    /// (v1), a route kind (stream, complete, other) or both (v1.stream); e.g. v2.stream=120/min:30.
+    #[arg(long = "rate-limit-rule", env = "STREAMGATE_RATE_LIMIT_RULES", value_delimiter = ',')]
+    pub rate_limit_rules: Vec<ScopedRule>,
+
+    /// Open streams a client may hold at once (0 = no cap).
+    #[arg(long, env = "STREAMGATE_MAX_STREAMS_PER_CLIENT", default_value_t = 4)]
+    pub max_streams_per_client: usize,
+
+    /// Route patterns exempt from API keys and rate limits (comma-separated).
+    #[arg(
+        long,
+        env = "STREAMGATE_RATE_LIMIT_EXEMPT",
+        value_delimiter = ',',
+        default_value = "/api/{version}/health/live,/api/{version}/health/ready,/metrics"
+    )]
+    pub rate_limit_exempt: Vec<String>,
+
+    /// Seconds between sweeps that forget idle clients (keeps limiter memory bounded).
+    #[arg(long, env = "STREAMGATE_RATE_LIMIT_EVICT_SECS", default_value_t = 60)]
+    pub rate_limit_evict_secs: u64,
 }
 
 /// A setting that cannot work, named so the operator knows which one to fix.
@@ -192,6 +245,17 @@ impl Settings {
             if let Err(message) = crate::cors::check_origin_setting(origin) {
                 return fail("--allowed-origins / ALLOWED_ORIGINS", message);
             }
+        }
+        if self.rate_limit_evict_secs == 0 {
+            return fail(
+                "--rate-limit-evict-secs / STREAMGATE_RATE_LIMIT_EVICT_SECS",
+                "must be at least 1".into(),
+            );
+        }
+        if let Err(message) =
+            crate::client_identity::ApiKeys::load(&self.api_keys, self.api_keys_file.as_deref())
+        {
+            return fail("--api-keys / API_KEYS / API_KEYS_FILE", message);
         }
         if let Some(pattern) = &self.allowed_origin_regex
             && let Err(e) = crate::cors::compile_origin_regex(pattern)

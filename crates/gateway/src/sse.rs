@@ -25,6 +25,7 @@ use streamgate_inference::{FinishReason, GenerationEvent, TokenStream, Usage};
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::rate_limit::StreamPermit;
 use crate::request_log::RequestLog;
 
 /// The literal last event of every stream.
@@ -113,6 +114,8 @@ pub struct TokenEvents<F: EventFormat> {
     last_token: Option<Instant>,
     tokens_sent: u64,
     finish_reason: Option<&'static str>,
+    /// The client's stream slot, released when the stream is dropped.
+    _permit: Option<StreamPermit>,
 }
 
 impl<F: EventFormat> TokenEvents<F> {
@@ -139,7 +142,14 @@ impl<F: EventFormat> TokenEvents<F> {
             last_token: None,
             tokens_sent: 0,
             finish_reason: None,
+            _permit: None,
         }
+    }
+
+    /// Hold the client's stream slot for the life of this stream.
+    pub fn holding(mut self, permit: Option<StreamPermit>) -> Self {
+        self._permit = permit;
+        self
     }
 
     fn end_with(&mut self, events: Vec<String>, reason: &'static str) {

@@ -248,3 +248,75 @@ fn help_documents_every_setting() {
         assert!(help.contains(env), "--help does not mention {env}");
     }
 }
+
+#[actix_rt::test]
+async fn a_flood_past_capacity_gets_fast_503s_while_health_and_open_streams_keep_working() {
+    // One slot and a 2-deep queue: at most 3 of 12 simultaneous streams are admitted.
+    let server = start(&[
+        "--max-active-sequences",
+        "1",
+        "--queue-capacity",
+        "2",
+        "--rate-limit",
+        "off",
+        "--max-streams-per-client",
+        "0",
+    ]);
+    let health_url = server.url("/api/v1/health/live");
+    let probing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = probing.clone();
+    let prober = std::thread::spawn(move || {
+        // Blocking client on its own thread, so the probe timing is not the test runtime's.
+        let mut worst = Duration::ZERO;
+        let mut probes = 0;
+        while flag.load(std::sync::atomic::Ordering::SeqCst) {
+            let started = std::time::Instant::now();
+            let mut stream = std::net::TcpStream::connect(
+                health_url.trim_start_matches("http://").split('/').next().unwrap(),
+            )
+            .unwrap();
+            use std::io::{Read, Write};
+            write!(stream, "GET /api/v1/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).unwrap();
+            assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+            worst = worst.max(started.elapsed());
+            probes += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (worst, probes)
+    });
+
+    let body = json!({"prompt": LONG, "chat": true, "max_tokens": 30, "temperature": 0});
+    let requests = (0..12).map(|_| client().post(server.url("/api/v1/inference/stream")).send_json(&body));
+    let responses = futures_util::future::join_all(requests).await;
+    let (mut admitted, mut refused) = (Vec::new(), 0);
+    for res in responses {
+        let res = res.unwrap();
+        match res.status().as_u16() {
+            200 => admitted.push(SseReader::new(res)),
+            503 => {
+                assert!(res.headers().contains_key("retry-after"));
+                refused += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(admitted.len() >= 3 && refused >= 1, "admitted {}, refused {refused}", admitted.len());
+    for mut stream in admitted {
+        let events = stream.rest().await;
+        assert_eq!(events.last().unwrap(), "[DONE]");
+        let finish: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!(finish["finish_reason"], "length", "every admitted stream completes");
+    }
+    probing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (worst, probes) = prober.join().unwrap();
+    assert!(probes >= 5, "health was probed throughout ({probes} probes)");
+    assert!(
+        worst < Duration::from_millis(100),
+        "liveness answered within 100 ms throughout (worst {worst:?})"
+    );
+    let m = metrics(&server).await;
+    assert_eq!(metric(&m, r#"streamgate_rejected_total{reason="queue_full"}"#), Some(refused as f64));
+}

@@ -18,6 +18,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::rate_limit::{StreamPermit, client_of};
 use crate::request_log::RequestLog;
 use crate::routes::method_not_allowed;
 use crate::settings::Settings;
@@ -255,6 +256,7 @@ async fn stream(
         return Err(ApiError::ShuttingDown);
     }
     let request = body.into_generation(&state.settings, model.as_ref())?;
+    let permit = stream_permit(&state, req)?;
     let tokens = model.generate(request).await.inspect_err(|e| count_rejection(&state, e))?;
     let events = TokenEvents::new(
         tokens,
@@ -263,8 +265,17 @@ async fn stream(
         state.shutdown.signal(),
         log,
         started,
-    );
+    )
+    .holding(permit);
     Ok(sse_response(events, Duration::from_secs(state.settings.sse_keep_alive_secs), req))
+}
+
+/// The client's stream slot (429 `too_many_streams` when it already holds the maximum).
+pub fn stream_permit(state: &AppState, req: &HttpRequest) -> Result<Option<StreamPermit>, ApiError> {
+    client_of(req)
+        .map(|key| state.stream_slots.acquire(key))
+        .transpose()
+        .inspect_err(|_| state.metrics.rate_limited.with_label_values(&["streams"]).inc())
 }
 
 /// Count 503 refusals by reason for `/metrics`.

@@ -44,9 +44,48 @@ pub fn settings(args: &[&str]) -> Settings {
     s
 }
 
-/// In-process state over the tiny model, served as v1 and v2, with the given settings.
+/// In-process state over the tiny model, served as v1 and v2, with the given settings. Rate
+/// limits and the stream cap are off unless `args` set them (the limit tests do).
 pub fn tiny_state(args: &[&str]) -> web::Data<AppState> {
-    let mut s = settings(args);
+    tiny_state_with_logger(args, discard_logger())
+}
+
+/// A buffer the JSON logger writes into, for tests that read the logs.
+#[derive(Clone, Default)]
+pub struct LogBuffer(pub Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuffer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Like [`tiny_state`], with JSON logs captured synchronously into the returned buffer.
+pub fn tiny_state_logged(args: &[&str]) -> (web::Data<AppState>, LogBuffer) {
+    use slog::Drain;
+    let buffer = LogBuffer::default();
+    let drain = Mutex::new(slog_json::Json::new(buffer.clone()).add_default_keys().build()).fuse();
+    (tiny_state_with_logger(args, slog::Logger::root(drain, slog::o!())), buffer)
+}
+
+fn tiny_state_with_logger(args: &[&str], logger: slog::Logger) -> web::Data<AppState> {
+    let mut all: Vec<&str> = args.to_vec();
+    for (flag, off) in [("--rate-limit", "off"), ("--max-streams-per-client", "0")] {
+        if !args.contains(&flag) {
+            all.extend([flag, off]);
+        }
+    }
+    let mut s = settings(&all);
     s.ort_dylib_path = ort_dylib();
     let mut models = ModelRegistry::new();
     for version in ["v1", "v2"] {
@@ -60,7 +99,7 @@ pub fn tiny_state(args: &[&str]) -> web::Data<AppState> {
         .expect("tiny model loads (run `make setup`)");
         models.insert(version, Arc::new(engine) as Arc<dyn Generator>);
     }
-    web::Data::new(AppState::new(s, models, discard_logger()).expect("state"))
+    web::Data::new(AppState::new(s, models, logger).expect("state"))
 }
 
 /// The `data:` payloads of an SSE body, in order (comments skipped).
