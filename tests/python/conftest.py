@@ -40,3 +40,35 @@ def rust_dump():
         return json.loads(done.stdout)
 
     return run
+
+
+BINARY = TARGET / "debug" / "streamgate"
+
+
+@pytest.fixture(scope="session")
+def gateway():
+    """The real streamgate binary on 127.0.0.1:0 serving SmolLM2 as v1; yields its base URL."""
+    import threading
+
+    require(BINARY, "build it with `cargo build -p streamgate-gateway` (make test does)")
+    require(SMOLLM2 / "model.onnx", "run `make setup`")
+    proc = subprocess.Popen(
+        [str(BINARY), "--host", "127.0.0.1", "--port", "0", "--ort-dylib-path", str(ORT_LIB),
+         "--model", f"v1={SMOLLM2}", "--model", f"v2={TINY}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    address = None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        record = json.loads(line)
+        if record.get("msg") == "listening":
+            address = record["address"]
+            break
+    if address is None:
+        proc.kill()
+        pytest.fail(f"gateway did not start: {proc.stderr.read() if proc.stderr else ''}")
+    # Keep draining stdout so the server never blocks on a full pipe.
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    yield f"http://{address}"
+    proc.kill()
+    proc.wait(timeout=10)

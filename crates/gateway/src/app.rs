@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::client_identity::{ApiKeys, ClientResolver};
 use crate::cors::{OriginPolicy, cors_middleware};
-use crate::error::ApiError;
+use crate::error::{ApiError, error_for};
 use crate::metrics::Metrics;
 use crate::model_registry::ModelRegistry;
 use crate::rate_limit::{RateLimits, StreamSlots, client_middleware};
@@ -128,8 +128,9 @@ pub fn create_app(
         .limit(state.settings.max_body_bytes)
         .content_type_required(true)
         .content_type(|mime| mime.subtype() == "json" || mime.suffix().is_some_and(|s| s == "json"))
-        .error_handler(|err, _req| ApiError::from(err).into());
-    let query = web::QueryConfig::default().error_handler(|err, _req| ApiError::from(err).into());
+        .error_handler(|err, req| error_for(req.path(), ApiError::from(err)));
+    let query =
+        web::QueryConfig::default().error_handler(|err, req| error_for(req.path(), ApiError::from(err)));
     let payload = web::PayloadConfig::default().limit(state.settings.max_body_bytes);
     App::new()
         .app_data(state)

@@ -12,11 +12,11 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::Next;
-use actix_web::{HttpResponse, ResponseError, web};
+use actix_web::{HttpResponse, web};
 use regex::Regex;
 
 use crate::app::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, error_response_for};
 
 const ALLOWED_METHODS: &str = "GET, POST, OPTIONS";
 const ALLOWED_HEADERS: &str =
@@ -82,7 +82,7 @@ pub async fn cors_middleware(
     let is_preflight =
         req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
     if !allowed {
-        let response = ResponseError::error_response(&ApiError::OriginNotAllowed);
+        let response = error_response_for(req.path(), ApiError::OriginNotAllowed);
         return Ok(req.into_response(response).map_into_right_body());
     }
     if is_preflight {

@@ -117,6 +117,21 @@ impl ApiError {
     }
 }
 
+/// The error response for a request path: OpenAI's shape under `/v1/` (the OpenAI-compatible
+/// API), ours everywhere else. Middleware and extractor errors go through here.
+pub fn error_response_for(path: &str, error: ApiError) -> HttpResponse {
+    if path.starts_with("/v1/") {
+        crate::routes::openai::OpenAiError(error).error_response()
+    } else {
+        error.error_response()
+    }
+}
+
+/// The same, as an actix error (for extractor error handlers).
+pub fn error_for(path: &str, error: ApiError) -> actix_web::Error {
+    if path.starts_with("/v1/") { crate::routes::openai::OpenAiError(error).into() } else { error.into() }
+}
+
 impl From<InferenceError> for ApiError {
     fn from(e: InferenceError) -> Self {
         match e {

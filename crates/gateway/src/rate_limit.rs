@@ -21,7 +21,7 @@ use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use actix_web::middleware::Next;
-use actix_web::{HttpMessage, ResponseError, web};
+use actix_web::{HttpMessage, web};
 use governor::clock::{Clock, QuantaClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
@@ -29,7 +29,7 @@ use governor::{Quota, RateLimiter};
 
 use crate::app::AppState;
 use crate::client_identity::{ClientKey, bearer_token};
-use crate::error::ApiError;
+use crate::error::{ApiError, error_response_for};
 use crate::request_log::RequestLog;
 
 /// `COUNT/PERIOD[:BURST]`, or `off`.
@@ -391,7 +391,7 @@ pub async fn client_middleware(
             match bearer_token(req.headers()).and_then(|t| keys.verify(t)) {
                 Some(key) => key,
                 None => {
-                    let response = ResponseError::error_response(&ApiError::Unauthorized);
+                    let response = error_response_for(req.path(), ApiError::Unauthorized);
                     return Ok(req.into_response(response).map_into_right_body());
                 }
             }
@@ -408,7 +408,7 @@ pub async fn client_middleware(
     let decision = state.rate_limits.check(&path, &key);
     if let Some(d) = decision.filter(|d| !d.allowed) {
         state.metrics.rate_limited.with_label_values(&["rate"]).inc();
-        let mut response = ResponseError::error_response(&ApiError::RateLimited);
+        let mut response = error_response_for(&path, ApiError::RateLimited);
         set_headers(response.headers_mut(), &d);
         return Ok(req.into_response(response).map_into_right_body());
     }

@@ -1,11 +1,14 @@
 //! Route modules; each exposes `configure(cfg)`. Paths:
-//! `/` (chat page), `/api/openapi.json` and `/api/docs`, `/metrics`, and per model version
-//! `/api/{version}/inference[/stream]`, `/api/{version}/models`, `/api/{version}/health/{live,ready}`.
+//! `/` (chat page), `/api/openapi.json` and `/api/docs`, `/metrics`, per model version
+//! `/api/{version}/inference[/stream]`, `/api/{version}/chat` (AI SDK), `/api/{version}/models`,
+//! `/api/{version}/health/{live,ready}`, and the OpenAI-compatible `/v1/chat/completions`, `/v1/models`.
 
+pub mod ai_sdk;
 pub mod health;
 pub mod inference;
 pub mod metrics;
 pub mod models;
+pub mod openai;
 pub mod openapi;
 pub mod page;
 
@@ -20,14 +23,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     health::configure(cfg);
     models::configure(cfg);
     inference::configure(cfg);
+    ai_sdk::configure(cfg);
+    openai::configure(cfg);
 }
 
 /// JSON 404 for paths no route matches.
-pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::NotFound(format!("{} {}", req.method(), req.path())))
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, actix_web::Error> {
+    Err(crate::error::error_for(req.path(), ApiError::NotFound(format!("{} {}", req.method(), req.path()))))
 }
 
 /// JSON 405 for a known path with the wrong method (each resource's default service).
-pub async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
+pub async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, actix_web::Error> {
+    Err(crate::error::error_for(req.path(), ApiError::MethodNotAllowed))
 }

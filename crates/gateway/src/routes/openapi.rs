@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
-use crate::routes::{health, inference, method_not_allowed, models};
+use crate::routes::{ai_sdk, health, inference, method_not_allowed, models, openai};
 
 /// Every error body: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Serialize, ToSchema)]
@@ -29,12 +29,17 @@ pub struct ErrorObject {
     paths(
         inference::stream_post, inference::stream_get, inference::complete,
         models::list, models::describe, health::live, health::ready,
+        ai_sdk::chat, openai::chat_completions, openai::list_models,
     ),
     components(schemas(
         ErrorResponse, ErrorObject, inference::InferenceRequest, inference::InferenceResponse,
         inference::TokenEventSchema, inference::Stop, models::ModelDescription, health::HealthStatus,
+        ai_sdk::UiChatRequest, ai_sdk::UiMessage, ai_sdk::UiPart,
+        openai::ChatCompletionRequest, openai::ChatMessageIn, openai::MessageContent, openai::ContentPart, openai::StreamOptions,
     )),
-    tags((name = "inference", description = "Generate text"), (name = "models"), (name = "health"))
+    tags((name = "inference", description = "Generate text"), (name = "models"), (name = "health"),
+        (name = "ai-sdk", description = "The AI SDK UI message stream protocol (useChat)"),
+        (name = "openai", description = "OpenAI-compatible chat completions"))
 )]
 pub struct ApiDoc;
 

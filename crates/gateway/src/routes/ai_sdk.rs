@@ -1,0 +1,164 @@
+//! The AI SDK's UI message stream protocol (v1, AI SDK 5+), for `useChat`:
+//! `POST /api/{version}/chat` takes `{messages: UIMessage[]}` and answers with SSE parts —
+//! `start`, `start-step`, `text-start`, `text-delta`…, `text-end`, `finish-step`, `finish`
+//! (or `error`) — then `data: [DONE]`, with the `x-vercel-ai-ui-message-stream: v1` header that
+//! custom backends must send.
+
+use std::time::{Duration, Instant};
+
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, web};
+use rand::Rng;
+use serde::Deserialize;
+use serde_json::json;
+use streamgate_inference::{FinishReason, SamplingParams, Usage};
+use utoipa::ToSchema;
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::request_log::RequestLog;
+use crate::routes::inference::{count_rejection, stream_permit, validate_generation};
+use crate::routes::method_not_allowed;
+use crate::routes::openai::chat_messages;
+use crate::sse::{EventFormat, StreamMetrics, TokenEvents, sse_response};
+
+/// A part of a UI message; only `{"type":"text","text":…}` parts feed the prompt.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct UiPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct UiMessage {
+    pub id: Option<String>,
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    #[serde(default)]
+    pub parts: Vec<UiPart>,
+}
+
+/// The body `useChat`'s default transport sends (`id`, `trigger`, `messageId` and extra body
+/// fields are accepted and ignored).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct UiChatRequest {
+    pub messages: Vec<UiMessage>,
+    /// Optional generation limit (a `body` field of `useChat`); default `--default-max-tokens`.
+    pub max_tokens: Option<u32>,
+    /// Default 0.7.
+    pub temperature: Option<f32>,
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/{version}/chat")
+            .route(web::post().to(chat))
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+/// Stream a chat reply in the AI SDK UI message stream protocol.
+#[utoipa::path(post, path = "/api/{version}/chat", tag = "ai-sdk",
+    params(("version" = String, Path, description = "Model version, e.g. v1")),
+    request_body = UiChatRequest,
+    responses(
+        (status = 200, description = "UI message stream parts as SSE `data:` JSON, then `data: [DONE]`; header `x-vercel-ai-ui-message-stream: v1`", content_type = "text/event-stream"),
+        (status = 404, body = crate::routes::openapi::ErrorResponse), (status = 422, body = crate::routes::openapi::ErrorResponse),
+        (status = 429, body = crate::routes::openapi::ErrorResponse), (status = 503, body = crate::routes::openapi::ErrorResponse)))]
+pub async fn chat(
+    state: web::Data<AppState>,
+    version: web::Path<String>,
+    body: web::Json<UiChatRequest>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let model = state.models.get(&version)?;
+    if let Some(log) = RequestLog::of(&req) {
+        log.set_version(&version);
+    }
+    if state.shutdown.is_draining() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let body = body.into_inner();
+    let messages = chat_messages(body.messages.into_iter().map(|m| {
+        let text = m
+            .parts
+            .into_iter()
+            .filter(|p| p.kind == "text")
+            .filter_map(|p| p.text)
+            .collect::<Vec<_>>()
+            .join("");
+        (m.role, text)
+    }))?;
+    let prompt = model.render_chat(&messages)?;
+    let sampling = SamplingParams {
+        temperature: body.temperature.unwrap_or(0.7),
+        top_p: 0.9,
+        ..SamplingParams::default()
+    };
+    let request = validate_generation(&state.settings, &prompt, body.max_tokens, sampling, Vec::new())?;
+    let permit = stream_permit(&state, &req)?;
+    let tokens = model.generate(request).await.inspect_err(|e| count_rejection(&state, e))?;
+    let message_id = format!("msg-{:024x}", rand::rng().random::<u128>() >> 32);
+    let events = TokenEvents::new(
+        tokens,
+        UiMessageFormat { message_id, text_id: "text-0".into(), text_open: false },
+        StreamMetrics::new(&state.metrics, &version),
+        state.shutdown.signal(),
+        RequestLog::of(&req),
+        started,
+    )
+    .holding(permit);
+    let mut response = sse_response(events, Duration::from_secs(state.settings.sse_keep_alive_secs), &req);
+    response
+        .headers_mut()
+        .insert(HeaderName::from_static("x-vercel-ai-ui-message-stream"), HeaderValue::from_static("v1"));
+    Ok(response)
+}
+
+/// UI message stream parts for one text reply.
+pub struct UiMessageFormat {
+    message_id: String,
+    text_id: String,
+    text_open: bool,
+}
+
+impl UiMessageFormat {
+    fn close_text(&mut self) -> Option<String> {
+        std::mem::take(&mut self.text_open)
+            .then(|| json!({"type": "text-end", "id": self.text_id}).to_string())
+    }
+}
+
+impl EventFormat for UiMessageFormat {
+    fn start(&mut self) -> Vec<String> {
+        self.text_open = true;
+        vec![
+            json!({"type": "start", "messageId": self.message_id}).to_string(),
+            json!({"type": "start-step"}).to_string(),
+            json!({"type": "text-start", "id": self.text_id}).to_string(),
+        ]
+    }
+
+    fn token(&mut self, _index: usize, text: &str) -> Option<String> {
+        (!text.is_empty())
+            .then(|| json!({"type": "text-delta", "id": self.text_id, "delta": text}).to_string())
+    }
+
+    fn finish(&mut self, reason: FinishReason, _usage: Usage) -> Vec<String> {
+        let reason = match reason {
+            FinishReason::Length => "length",
+            FinishReason::Stop => "stop",
+            FinishReason::Cancelled => "other",
+        };
+        let mut out: Vec<String> = self.close_text().into_iter().collect();
+        out.push(json!({"type": "finish-step"}).to_string());
+        out.push(json!({"type": "finish", "finishReason": reason}).to_string());
+        out
+    }
+
+    fn error(&mut self, error: &ApiError) -> Vec<String> {
+        vec![json!({"type": "error", "errorText": error.public_message()}).to_string()]
+    }
+}
