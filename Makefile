@@ -14,6 +14,7 @@ SMOLLM2  := $(CACHE)/models/smollm2-135m-instruct
 TINY     := models/tiny-llama
 PREP_PY  := $(addprefix scripts/model_prep/,gguf_to_onnx.py llama_onnx.py hf_files.py)
 CHROMIUM := /usr/bin/chromium
+NGINX    := /usr/sbin/nginx
 NODE_DEPS := tests/browser/node_modules/.package-lock.json
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -56,14 +57,18 @@ test-rust: setup
 	  cargo nextest run --workspace --no-fail-fast; \
 	else cargo test --workspace --no-fail-fast; fi
 
-test-python: setup
+test-python: setup $(NGINX) ## reference tests, the openai client, and deploy/ (nginx, manifests, Dockerfile)
 	cargo build --quiet -p streamgate-inference --example reference_dump
+	cargo build --quiet -p streamgate-gateway --bin streamgate
 	$(PY) -m pytest tests/python -q
 
 browser-deps: $(CHROMIUM) $(NODE_DEPS) ## Debian's Chromium and the test's npm packages
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+$(NGINX):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx
 $(NODE_DEPS): tests/browser/package.json tests/browser/package-lock.json
 	cd tests/browser && npm ci --no-audit --no-fund --loglevel=error
 

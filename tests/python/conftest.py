@@ -45,30 +45,51 @@ def rust_dump():
 BINARY = TARGET / "debug" / "streamgate"
 
 
-@pytest.fixture(scope="session")
-def gateway():
-    """The real streamgate binary on 127.0.0.1:0 serving SmolLM2 as v1; yields its base URL."""
+class Gateway:
+    """A running streamgate binary; `logs` collects its JSON log records."""
+
+    def __init__(self, proc: subprocess.Popen, address: str, logs: list) -> None:
+        self.proc, self.address, self.logs = proc, address, logs
+        self.base = f"http://{address}"
+
+    def request_logs(self, path: str) -> list:
+        return [r for r in self.logs if r.get("msg") == "request" and r.get("path") == path]
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def start_gateway(*args: str) -> Gateway:
+    """Start the real binary on 127.0.0.1:0 and wait for its `listening` log line."""
     import threading
 
     require(BINARY, "build it with `cargo build -p streamgate-gateway` (make test does)")
     require(SMOLLM2 / "model.onnx", "run `make setup`")
     proc = subprocess.Popen(
-        [str(BINARY), "--host", "127.0.0.1", "--port", "0", "--ort-dylib-path", str(ORT_LIB),
-         "--model", f"v1={SMOLLM2}", "--model", f"v2={TINY}"],
+        [str(BINARY), "--host", "127.0.0.1", "--port", "0", "--ort-dylib-path", str(ORT_LIB), *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    address = None
     assert proc.stdout is not None
+    logs: list = []
+    address = None
     for line in proc.stdout:
         record = json.loads(line)
+        logs.append(record)
         if record.get("msg") == "listening":
             address = record["address"]
             break
     if address is None:
         proc.kill()
         pytest.fail(f"gateway did not start: {proc.stderr.read() if proc.stderr else ''}")
-    # Keep draining stdout so the server never blocks on a full pipe.
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    yield f"http://{address}"
-    proc.kill()
-    proc.wait(timeout=10)
+    # Keep reading stdout (so the server never blocks on a full pipe) into `logs`.
+    threading.Thread(target=lambda: [logs.append(json.loads(l)) for l in proc.stdout], daemon=True).start()
+    return Gateway(proc, address, logs)
+
+
+@pytest.fixture(scope="session")
+def gateway():
+    """SmolLM2 as v1 and the tiny model as v2; yields the base URL."""
+    server = start_gateway("--model", f"v1={SMOLLM2}", "--model", f"v2={TINY}")
+    yield server.base
+    server.stop()

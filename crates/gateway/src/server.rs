@@ -1,8 +1,8 @@
 //! Start-up and shutdown: load every configured model, bind, serve, and drain on SIGTERM/SIGINT.
 //!
-//! Shutdown: stop accepting at once and mark readiness 503; open streams may finish for
-//! `--drain-timeout-secs`; then the remaining streams get an error event and `[DONE]`, and the
-//! process exits 0.
+//! Shutdown: readiness turns 503 at once; after `--shutdown-delay-secs` (default 0) the listener
+//! closes; open streams may finish until `--drain-timeout-secs` after the signal; then the
+//! remaining streams get an error event and `[DONE]`, and the process exits 0.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +43,7 @@ pub async fn serve(state: web::Data<AppState>) -> std::io::Result<()> {
     let settings = &state.settings;
     let logger = state.logger.clone();
     let drain = Duration::from_secs(settings.drain_timeout_secs);
+    let delay = Duration::from_secs(settings.shutdown_delay_secs);
     let app_state = state.clone();
     let server = HttpServer::new(move || create_app(app_state.clone()))
         .workers(settings.http_workers_or_cores())
@@ -72,13 +73,15 @@ pub async fn serve(state: web::Data<AppState>) -> std::io::Result<()> {
         let signal = wait_for_signal().await;
         info!(shutdown_state.logger, "shutting down"; "signal" => signal, "drain_timeout_s" => drain.as_secs());
         shutdown_state.shutdown.begin_drain();
-        let stopped = handle.stop(true);
+        let ender = shutdown_state.clone();
         actix_web::rt::spawn(async move {
             actix_web::rt::time::sleep(drain).await;
-            info!(shutdown_state.logger, "drain timeout reached: ending open streams");
-            shutdown_state.shutdown.end_streams();
+            info!(ender.logger, "drain timeout reached: ending open streams");
+            ender.shutdown.end_streams();
         });
-        stopped.await;
+        actix_web::rt::time::sleep(delay).await;
+        info!(shutdown_state.logger, "closing the listener");
+        handle.stop(true).await;
     });
     let result = server.await;
     info!(logger, "stopped");

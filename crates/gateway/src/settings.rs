@@ -134,6 +134,11 @@ pub struct Settings {
     #[arg(long, env = "STREAMGATE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
 
+    /// On SIGTERM/SIGINT, seconds to keep accepting connections (readiness already 503) before the
+    /// listener closes, so a load balancer stops routing first. Counted inside the drain timeout.
+    #[arg(long, env = "STREAMGATE_SHUTDOWN_DELAY_SECS", default_value_t = 0)]
+    pub shutdown_delay_secs: u64,
+
     /// HTTP worker threads (0 = the machine's cores).
     #[arg(long, env = "STREAMGATE_HTTP_WORKERS", default_value_t = 0)]
     pub http_workers: usize,
@@ -245,6 +250,12 @@ impl Settings {
             if let Err(message) = crate::cors::check_origin_setting(origin) {
                 return fail("--allowed-origins / ALLOWED_ORIGINS", message);
             }
+        }
+        if self.shutdown_delay_secs > self.drain_timeout_secs {
+            return fail(
+                "--shutdown-delay-secs / STREAMGATE_SHUTDOWN_DELAY_SECS",
+                "must not exceed the drain timeout".into(),
+            );
         }
         if self.rate_limit_evict_secs == 0 {
             return fail(

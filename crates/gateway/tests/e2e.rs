@@ -161,7 +161,7 @@ async fn keep_alive_comments_flow_while_a_request_waits() {
 
 #[actix_rt::test]
 async fn sigterm_drains_open_streams_then_ends_them() {
-    let server = start(&["--drain-timeout-secs", "2"]);
+    let server = start(&["--drain-timeout-secs", "3", "--shutdown-delay-secs", "1"]);
     let mut long = open_stream(
         &server,
         "v1",
@@ -172,10 +172,15 @@ async fn sigterm_drains_open_streams_then_ends_them() {
     assert!(long.next_data().await.is_some());
 
     server.signal("TERM");
+    // Readiness turns 503 at once, while the listener still accepts during the shutdown delay.
+    let mut ready = client().get(server.url("/api/v1/health/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "shutting_down");
     // The short stream completes normally during the drain.
     assert_eq!(short.rest().await.last().unwrap(), "[DONE]");
-    // New connections are refused once draining has started.
-    actix_rt::time::sleep(Duration::from_millis(300)).await;
+    // New connections are refused once the delay is over.
+    actix_rt::time::sleep(Duration::from_millis(1300)).await;
     let address = server.base.trim_start_matches("http://").to_owned();
     assert!(std::net::TcpStream::connect(&address).is_err(), "listener must be closed");
     // The long one is ended at the drain timeout with an error event and [DONE].
