@@ -20,7 +20,7 @@ SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 
-.PHONY: bench bench-engine bench-micro
+.PHONY: bench bench-engine bench-micro bench-gateway
 .PHONY: help setup venv ort model run test test-rust test-python test-browser browser-deps lint fmt clean
 
 help: ## list the targets
@@ -57,9 +57,9 @@ test-rust: setup
 	  cargo nextest run --workspace --no-fail-fast; \
 	else cargo test --workspace --no-fail-fast; fi
 
-test-python: setup $(NGINX) ## reference tests, the openai client, and deploy/ (nginx, manifests, Dockerfile)
+test-python: setup $(NGINX) ## reference tests, the openai client, deploy/ (nginx, manifests, Dockerfile), bench smoke
 	cargo build --quiet -p streamgate-inference --example reference_dump
-	cargo build --quiet -p streamgate-gateway --bin streamgate
+	cargo build --quiet -p streamgate-gateway --bin streamgate -p streamgate-benches --bin streamgate-bench
 	$(PY) -m pytest tests/python -q
 
 browser-deps: $(CHROMIUM) $(NODE_DEPS) ## Debian's Chromium and the test's npm packages
@@ -79,7 +79,15 @@ test-browser: setup browser-deps
 BENCH_PROMPT := <|im_start|>user\nCount from 1 to 300, separated by commas.<|im_end|>\n<|im_start|>assistant\n
 BENCH_THREADS ?= $(shell nproc)
 
-bench: bench-engine bench-micro ## every benchmark (results: docs/benchmarks.md)
+bench: bench-engine bench-micro bench-gateway ## every benchmark (results: docs/benchmarks.md)
+
+$(VENV)/.bench-installed: benches/baselines/fastapi/requirements.txt | $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r benches/baselines/fastapi/requirements.txt
+	touch $@
+
+bench-gateway: setup $(VENV)/.bench-installed ## load tests: streamgate vs the FastAPI pattern (mock engine), and SmolLM2
+	cargo build --release --quiet -p streamgate-gateway --bin streamgate -p streamgate-benches --bin streamgate-bench
+	benches/run.sh all
 
 bench-micro: ## criterion: rate-limit check with 1M clients, SSE event encoding; limiter memory
 	cargo bench -p streamgate-gateway --bench hot_path -- --warm-up-time 1 --measurement-time 3

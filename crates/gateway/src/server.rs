@@ -9,15 +9,28 @@ use std::time::{Duration, Instant};
 
 use actix_web::{HttpServer, web};
 use slog::{Logger, error, info};
-use streamgate_inference::{EngineConfig, Generator, OnnxEngine};
+use streamgate_inference::{EngineConfig, Generator, MockConfig, MockEngine, OnnxEngine};
 
 use crate::app::{AppState, create_app};
 use crate::model_registry::ModelRegistry;
-use crate::settings::Settings;
+use crate::settings::{EngineKind, Settings};
 
 /// Load each `--model VERSION=DIR` on its own engine (worker thread + ORT session).
 pub fn load_models(settings: &Settings, logger: &Logger) -> Result<ModelRegistry, String> {
     let mut registry = ModelRegistry::new();
+    if settings.engine == EngineKind::Mock {
+        let config = MockConfig {
+            tokens: settings.mock_tokens,
+            interval: Duration::from_millis(settings.mock_interval_ms),
+        };
+        for spec in &settings.models {
+            let engine = MockEngine::new(config).map_err(|e| format!("mock engine: {e}"))?;
+            slog::warn!(logger, "model loaded"; "version" => &spec.version, "name" => &engine.info().name,
+                "engine" => "mock", "note" => "benchmarking aid: no model behind this version");
+            registry.insert(spec.version.clone(), Arc::new(engine) as Arc<dyn Generator>);
+        }
+        return Ok(registry);
+    }
     for spec in &settings.models {
         let started = Instant::now();
         let engine = OnnxEngine::start(&EngineConfig {

@@ -49,6 +49,15 @@ impl fmt::Display for ModelSpec {
     }
 }
 
+/// Which engine serves the model versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// The model folders, on ONNX Runtime.
+    Onnx,
+    /// A benchmarking aid with no model: `--mock-tokens` tokens every `--mock-interval-ms`.
+    Mock,
+}
+
 /// Log levels accepted by `--log-level`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogLevel {
@@ -80,6 +89,19 @@ pub struct Settings {
         default_value = "v1=.cache/models/smollm2-135m-instruct"
     )]
     pub models: Vec<ModelSpec>,
+
+    /// `onnx` runs the model folders; `mock` is a token source with no model, for measuring the
+    /// gateway alone (a benchmarking aid: never use it to serve users).
+    #[arg(long, env = "STREAMGATE_ENGINE", value_enum, default_value_t = EngineKind::Onnx)]
+    pub engine: EngineKind,
+
+    /// With `--engine mock`: tokens per stream (capped by the request's max_tokens).
+    #[arg(long, env = "STREAMGATE_MOCK_TOKENS", default_value_t = 64)]
+    pub mock_tokens: usize,
+
+    /// With `--engine mock`: milliseconds before each token (0 = as fast as possible).
+    #[arg(long, env = "STREAMGATE_MOCK_INTERVAL_MS", default_value_t = 0)]
+    pub mock_interval_ms: u64,
 
     /// Path of the ONNX Runtime shared library (libonnxruntime.so.1.31.1; `make setup` fetches it).
     #[arg(long, env = "ORT_DYLIB_PATH", default_value = streamgate_inference::runtime::DEFAULT_DYLIB_PATH)]

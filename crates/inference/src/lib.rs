@@ -7,6 +7,7 @@
 pub mod chat;
 pub mod error;
 pub mod generator;
+pub mod mock;
 pub mod model;
 pub mod model_files;
 pub mod runtime;
@@ -21,6 +22,7 @@ pub use generator::{
     BoxFuture, EngineStats, FinishReason, GenerationEvent, GenerationRequest, Generator, ModelInfo,
     TokenStream, Usage,
 };
+pub use mock::{MockConfig, MockEngine};
 pub use sampling::SamplingParams;
 pub use scheduler::{EngineConfig, OnnxEngine};
 

@@ -1,0 +1,32 @@
+"""Print the benchmark table (markdown) from target/bench/*.json, with streamgate/FastAPI ratios."""
+
+import json
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1] if len(sys.argv) > 1 else "target/bench")
+runs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.stem != "engine"}
+
+
+def row(name: str) -> str:
+    r = runs[name]
+    cpu = r.get("server_cpu_us_per_event")
+    kib = r.get("server_kib_per_open_stream")
+    return (f"| {name} | {r['streams']} | {r['completed']} | {r['status_503'] + r['status_429'] + r['other_status']} | "
+            f"{r['events_per_s']:.0f} | {cpu:.2f} | {r['ttft_ms']['p50']:.1f} / {r['ttft_ms']['p99']:.1f} | "
+            f"{r['inter_token_ms']['p50']:.1f} / {r['inter_token_ms']['p99']:.1f} | "
+            f"{r['max_open_streams']} | {kib:.1f} |" if cpu is not None and kib is not None else f"| {name} | … |")
+
+
+print("| run | streams | completed [DONE] | refused | events/s | server CPU µs/event | TTFT p50 / p99 ms | gap p50 / p99 ms | max open | server KiB/open stream |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for name in runs:
+    print(row(name))
+print()
+for scenario in ("gateway", "concurrency", "overhead"):
+    sg, fa = runs.get(f"{scenario}-streamgate"), runs.get(f"{scenario}-fastapi")
+    if sg and fa and sg.get("server_cpu_us_per_event") and fa.get("server_cpu_us_per_event"):
+        print(f"- {scenario}: server CPU per event FastAPI/streamgate = "
+              f"{fa['server_cpu_us_per_event'] / sg['server_cpu_us_per_event']:.1f}x; events/s streamgate/FastAPI = "
+              f"{sg['events_per_s'] / max(fa['events_per_s'], 1e-9):.2f}x; p99 TTFT FastAPI/streamgate = "
+              f"{fa['ttft_ms']['p99'] / max(sg['ttft_ms']['p99'], 1e-9):.1f}x")

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Run the gateway benchmarks side by side (`make bench` calls this). Every server is pinned to
+# core 0 and the load generator to core 1 with taskset, so both servers get the same single core.
+# Results: target/bench/*.json and *.svg; a table with ratios is printed at the end.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+out=target/bench
+mkdir -p "$out"
+bin=target/release
+py=.venv/bin
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+pids=()
+cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; return 1; }
+
+# streamgate as deployed: rate limiting (quotas raised, still checked per request), CORS, JSON
+# logs at info (to a file) and metrics on.
+start_streamgate() { # port, extra args...
+  local port=$1; shift
+  taskset -c "$SERVER_CPU" "$bin/streamgate" --port "$port" --http-workers 1 --listen-backlog 16384 \
+    --rate-limit 1000000/s:1000000 --max-streams-per-client 1000000 --queue-capacity 100000 \
+    --allowed-origins https://app.example.com "$@" > "$out/streamgate-$port.log" 2>&1 &
+  pids+=($!); wait_port "$port"; echo $!
+}
+start_fastapi() { # port, tokens, interval_ms
+  (cd benches/baselines/fastapi && MOCK_TOKENS=$2 MOCK_INTERVAL_MS=$3 taskset -c "$SERVER_CPU" \
+    "$root/$py/uvicorn" app:app --loop uvloop --http httptools --port "$1" --workers 1 --backlog 16384 \
+    --log-level warning > "$root/$out/fastapi-$1.log" 2>&1) &
+  sleep 0.5; wait_port "$1"; pgrep -f "uvicorn app:app.*--port $1" | head -1
+}
+load() { # label, url, pid, args...
+  local label=$1 url=$2 pid=$3; shift 3
+  taskset -c "$CLIENT_CPU" "$bin/streamgate-bench" --url "$url" --server-pid "$pid" --label "$label" --quiet \
+    --json "$out/$label.json" --svg "$out/$label.svg" "$@"
+}
+stop() { kill "$1" 2>/dev/null || true; sleep 0.5; }
+
+scenario=${1:-all}
+if [[ $scenario == all || $scenario == gateway ]]; then
+  echo "== 1. gateway cost: zero-delay mock, 64 tokens, 64 concurrent streams, 10 s"
+  pid=$(start_streamgate 18200 --engine mock --mock-tokens 64)
+  load gateway-streamgate http://127.0.0.1:18200 "$pid" --concurrency 64 --duration-secs 10 --max-tokens 64 --threads 2
+  stop "$pid"
+  pid=$(start_fastapi 18201 64 0)
+  load gateway-fastapi http://127.0.0.1:18201 "$pid" --concurrency 64 --duration-secs 10 --max-tokens 64 --threads 2
+  stop "$pid"
+fi
+if [[ $scenario == all || $scenario == concurrency ]]; then
+  echo "== 2. concurrency: mock at 50 ms per token, 40 tokens, 10,000 concurrent streams"
+  pid=$(start_streamgate 18210 --engine mock --mock-tokens 40 --mock-interval-ms 50)
+  load concurrency-streamgate http://127.0.0.1:18210 "$pid" --concurrency 10000 --requests 10000 --ramp-up-secs 2 --duration-secs 10 --max-tokens 40 --threads 2
+  stop "$pid"
+  pid=$(start_fastapi 18211 40 50)
+  load concurrency-fastapi http://127.0.0.1:18211 "$pid" --concurrency 10000 --requests 10000 --ramp-up-secs 2 --duration-secs 10 --max-tokens 40 --threads 2
+  stop "$pid"
+fi
+if [[ $scenario == all || $scenario == overhead ]]; then
+  echo "== 3. overhead: 1,000 requests/s open loop, zero-delay mock, 8 tokens, 10 s"
+  pid=$(start_streamgate 18220 --engine mock --mock-tokens 8)
+  load overhead-streamgate http://127.0.0.1:18220 "$pid" --rate 1000 --duration-secs 10 --max-tokens 8 --threads 2
+  stop "$pid"
+  pid=$(start_fastapi 18221 8 0)
+  load overhead-fastapi http://127.0.0.1:18221 "$pid" --rate 1000 --duration-secs 10 --max-tokens 8 --threads 2
+  stop "$pid"
+fi
+if [[ $scenario == all || $scenario == model ]]; then
+  echo "== 4. real model: SmolLM2, 64 tokens per stream, both cores, 1 / 4 / 16 concurrent streams"
+  for c in 1 4 16; do
+    "$bin/streamgate" --port 18230 --max-active-sequences 16 --queue-capacity 64 --rate-limit off \
+      --max-streams-per-client 0 --model v1=.cache/models/smollm2-135m-instruct > "$out/model-$c.log" 2>&1 &
+    pid=$!; pids+=($pid); wait_port 18230
+    "$bin/streamgate-bench" --url http://127.0.0.1:18230 --server-pid "$pid" --label "model-c$c" --quiet \
+      --json "$out/model-c$c.json" --svg "$out/model-c$c.svg" --concurrency "$c" --duration-secs 15 --max-tokens 64 \
+      --prompt "Write a short poem about the sea." --prompt "Count from 1 to 300, separated by commas." \
+      --prompt "Explain what a KV cache is."
+    stop "$pid"
+  done
+fi
+"$py/python" benches/python/summary.py "$out"

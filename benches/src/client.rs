@@ -1,0 +1,259 @@
+//! A minimal HTTP/1.1 client for SSE load: one request per connection, chunked decoding, and
+//! `data:` events timed as they arrive. Hand-written on tokio sockets so that 10,000 concurrent
+//! streams cost little on the client side.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Which wire protocol to speak (and how to recognise a token event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum Route {
+    /// `POST /api/v1/inference/stream` (native events; the FastAPI baseline serves the same).
+    Native,
+    /// `GET /api/v1/inference/stream?prompt=…` (what EventSource sends).
+    NativeGet,
+    /// `POST /v1/chat/completions` with `stream: true`.
+    Openai,
+    /// `POST /api/v1/chat` (AI SDK UI message stream).
+    AiSdk,
+}
+
+impl Route {
+    fn is_token(self, data: &str) -> bool {
+        match self {
+            Route::Native | Route::NativeGet => data.starts_with("{\"index\""),
+            Route::Openai => data.contains("\"delta\":{\"content\":"),
+            Route::AiSdk => data.contains("\"type\":\"text-delta\""),
+        }
+    }
+
+    /// The raw request for one stream.
+    pub fn request(self, host: &str, version: &str, prompt: &str, max_tokens: usize) -> Vec<u8> {
+        let json = |v: serde_json::Value| v.to_string();
+        let (method, path, body) = match self {
+            Route::Native => (
+                "POST",
+                format!("/api/{version}/inference/stream"),
+                Some(json(serde_json::json!({"prompt": prompt, "max_tokens": max_tokens}))),
+            ),
+            Route::NativeGet => {
+                let q: String = prompt
+                    .bytes()
+                    .map(|b| {
+                        if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }
+                    })
+                    .collect();
+                ("GET", format!("/api/{version}/inference/stream?prompt={q}&max_tokens={max_tokens}"), None)
+            }
+            Route::Openai => (
+                "POST",
+                "/v1/chat/completions".to_owned(),
+                Some(json(serde_json::json!({"model": version, "stream": true, "max_tokens": max_tokens,
+                    "messages": [{"role": "user", "content": prompt}]}))),
+            ),
+            Route::AiSdk => (
+                "POST",
+                format!("/api/{version}/chat"),
+                Some(json(serde_json::json!({"max_tokens": max_tokens,
+                    "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": prompt}]}]}))),
+            ),
+        };
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\nConnection: close\r\n"
+        );
+        if let Some(body) = &body {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ));
+        } else {
+            req.push_str("\r\n");
+        }
+        req.into_bytes()
+    }
+}
+
+/// What one stream did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StreamResult {
+    /// Seconds from the start of the run to the request.
+    pub started_s: f64,
+    pub status: u16,
+    pub ttft_ms: Option<f64>,
+    /// Gaps between consecutive token events.
+    pub gaps_ms: Vec<f32>,
+    pub tokens: usize,
+    pub done: bool,
+    pub error: Option<String>,
+    pub duration_ms: f64,
+}
+
+/// Run one stream to its end (or `deadline`), timing each token event.
+pub async fn run_stream(
+    addr: &str,
+    request: &[u8],
+    route: Route,
+    run_start: Instant,
+    deadline: Instant,
+) -> StreamResult {
+    let started = Instant::now();
+    let mut result = StreamResult { started_s: (started - run_start).as_secs_f64(), ..Default::default() };
+    match tokio::time::timeout_at(deadline.into(), stream_inner(addr, request, route, started, &mut result))
+        .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => result.error = Some(e),
+        Err(_) => result.error = Some("timed out".into()),
+    }
+    result.duration_ms = started.elapsed().as_secs_f64() * 1e3;
+    result
+}
+
+async fn stream_inner(
+    addr: &str,
+    request: &[u8],
+    route: Route,
+    started: Instant,
+    out: &mut StreamResult,
+) -> Result<(), String> {
+    let mut socket = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    socket.set_nodelay(true).map_err(|e| e.to_string())?;
+    socket.write_all(request).await.map_err(|e| format!("write: {e}"))?;
+    let mut raw: Vec<u8> = Vec::with_capacity(8192);
+    let mut buf = vec![0u8; 16384];
+    // Status line and headers.
+    let header_end = loop {
+        let n = socket.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("connection closed before the response".into());
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(pos) = find(&raw, b"\r\n\r\n") {
+            break pos;
+        }
+    };
+    let head = String::from_utf8_lossy(&raw[..header_end]).to_ascii_lowercase();
+    out.status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let chunked = head.contains("transfer-encoding: chunked");
+    raw.drain(..header_end + 4);
+    if out.status != 200 {
+        return Ok(());
+    }
+    let mut body: Vec<u8> = Vec::with_capacity(8192);
+    let mut last_token: Option<Instant> = None;
+    loop {
+        let finished = if chunked {
+            decode_chunks(&mut raw, &mut body)?
+        } else {
+            body.append(&mut raw);
+            false
+        };
+        while let Some(end) = find(&body, b"\n\n") {
+            let event = String::from_utf8_lossy(&body[..end]).into_owned();
+            body.drain(..end + 2);
+            for data in event.lines().filter_map(|l| l.strip_prefix("data: ")) {
+                if data == "[DONE]" {
+                    out.done = true;
+                    return Ok(());
+                }
+                if data.starts_with("{\"error\"") || data.contains("\"type\":\"error\"") {
+                    out.error = Some(data.to_owned());
+                } else if route.is_token(data) {
+                    let now = Instant::now();
+                    match last_token {
+                        None => out.ttft_ms = Some((now - started).as_secs_f64() * 1e3),
+                        Some(prev) => out.gaps_ms.push((now - prev).as_secs_f32() * 1e3),
+                    }
+                    last_token = Some(now);
+                    out.tokens += 1;
+                }
+            }
+        }
+        if finished {
+            return Ok(());
+        }
+        let n = socket.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Ok(());
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Move every complete chunk from `raw` into `out`; `Ok(true)` after the last (zero) chunk.
+pub fn decode_chunks(raw: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<bool, String> {
+    let mut at = 0;
+    let finished = loop {
+        let Some(line_end) = find(&raw[at..], b"\r\n") else { break false };
+        let size_str = std::str::from_utf8(&raw[at..at + line_end]).map_err(|e| e.to_string())?;
+        let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| format!("bad chunk size {size_str:?}"))?;
+        let data_start = at + line_end + 2;
+        if size == 0 {
+            at = data_start;
+            break true;
+        }
+        if raw.len() < data_start + size + 2 {
+            break false;
+        }
+        out.extend_from_slice(&raw[data_start..data_start + size]);
+        at = data_start + size + 2;
+    };
+    raw.drain(..at);
+    Ok(finished)
+}
+
+/// CPU seconds (user + system) and resident KiB of a process, from /proc.
+pub fn process_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name "(...)": state is field 3; utime/stime are fields 14/15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some((ticks / clock_ticks_per_second(), rss))
+}
+
+/// USER_HZ: 100 on Linux on every architecture streamgate targets.
+fn clock_ticks_per_second() -> f64 {
+    100.0
+}
+
+/// A `Duration` as fractional milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_decode_across_reads() {
+        let mut raw = b"5\r\nhello\r\n6\r\n world\r\n0".to_vec();
+        let mut out = Vec::new();
+        assert_eq!(decode_chunks(&mut raw, &mut out), Ok(false));
+        assert_eq!(out, b"hello world");
+        raw.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(decode_chunks(&mut raw, &mut out), Ok(true));
+        let mut partial = b"a\r\n01234".to_vec();
+        assert_eq!(decode_chunks(&mut partial, &mut out), Ok(false));
+        assert_eq!(partial, b"a\r\n01234", "an incomplete chunk waits for more bytes");
+        assert!(decode_chunks(&mut b"zz\r\n".to_vec(), &mut out).is_err());
+    }
+
+    #[test]
+    fn token_events_are_recognised_per_protocol() {
+        assert!(Route::Native.is_token(r#"{"index":0,"text":"a"}"#));
+        assert!(!Route::Native.is_token(r#"{"finish_reason":"stop"}"#));
+        assert!(Route::Openai.is_token(r#"{"choices":[{"index":0,"delta":{"content":"a"}}]}"#));
+        assert!(Route::AiSdk.is_token(r#"{"type":"text-delta","id":"t","delta":"a"}"#));
+    }
+}
