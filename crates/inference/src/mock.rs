@@ -141,7 +141,6 @@ mod tests {
     }
 
     async fn drain(engine: &MockEngine, max_tokens: usize) -> Vec<GenerationEvent> {
-        use futures_core::Stream as _;
         let mut stream = match engine.generate(request(max_tokens)).await {
             Ok(s) => s,
             Err(e) => unreachable!("{e}"),
