@@ -40,33 +40,29 @@ load() { # label, url, pid, args...
 }
 stop() { kill "$1" 2>/dev/null || true; sleep 0.5; }
 
+# The same load against streamgate (mock engine) and the FastAPI baseline, one after the other.
+compare() { # name, port, tokens, interval_ms, load-generator args...
+  local name=$1 port=$2 tokens=$3 interval=$4 pid; shift 4
+  pid=$(start_streamgate "$port" --engine mock --mock-tokens "$tokens" --mock-interval-ms "$interval")
+  load "$name-streamgate" "http://127.0.0.1:$port" "$pid" --max-tokens "$tokens" --threads 2 "$@"
+  stop "$pid"
+  pid=$(start_fastapi $((port + 1)) "$tokens" "$interval")
+  load "$name-fastapi" "http://127.0.0.1:$((port + 1))" "$pid" --max-tokens "$tokens" --threads 2 "$@"
+  stop "$pid"
+}
+
 scenario=${1:-all}
 if [[ $scenario == all || $scenario == gateway ]]; then
   echo "== 1. gateway cost: zero-delay mock, 64 tokens, 64 concurrent streams, 10 s"
-  pid=$(start_streamgate 18200 --engine mock --mock-tokens 64)
-  load gateway-streamgate http://127.0.0.1:18200 "$pid" --concurrency 64 --duration-secs 10 --max-tokens 64 --threads 2
-  stop "$pid"
-  pid=$(start_fastapi 18201 64 0)
-  load gateway-fastapi http://127.0.0.1:18201 "$pid" --concurrency 64 --duration-secs 10 --max-tokens 64 --threads 2
-  stop "$pid"
+  compare gateway 18200 64 0 --concurrency 64 --duration-secs 10
 fi
 if [[ $scenario == all || $scenario == concurrency ]]; then
   echo "== 2. concurrency: mock at 50 ms per token, 40 tokens, 10,000 concurrent streams"
-  pid=$(start_streamgate 18210 --engine mock --mock-tokens 40 --mock-interval-ms 50)
-  load concurrency-streamgate http://127.0.0.1:18210 "$pid" --concurrency 10000 --requests 10000 --ramp-up-secs 2 --duration-secs 10 --max-tokens 40 --threads 2
-  stop "$pid"
-  pid=$(start_fastapi 18211 40 50)
-  load concurrency-fastapi http://127.0.0.1:18211 "$pid" --concurrency 10000 --requests 10000 --ramp-up-secs 2 --duration-secs 10 --max-tokens 40 --threads 2
-  stop "$pid"
+  compare concurrency 18210 40 50 --concurrency 10000 --requests 10000 --ramp-up-secs 2 --duration-secs 10
 fi
 if [[ $scenario == all || $scenario == overhead ]]; then
   echo "== 3. overhead: 1,000 requests/s open loop, zero-delay mock, 8 tokens, 10 s"
-  pid=$(start_streamgate 18220 --engine mock --mock-tokens 8)
-  load overhead-streamgate http://127.0.0.1:18220 "$pid" --rate 1000 --duration-secs 10 --max-tokens 8 --threads 2
-  stop "$pid"
-  pid=$(start_fastapi 18221 8 0)
-  load overhead-fastapi http://127.0.0.1:18221 "$pid" --rate 1000 --duration-secs 10 --max-tokens 8 --threads 2
-  stop "$pid"
+  compare overhead 18220 8 0 --rate 1000 --duration-secs 10
 fi
 if [[ $scenario == all || $scenario == model ]]; then
   echo "== 4. real model: SmolLM2, 64 tokens per stream, both cores, 1 / 4 / 16 concurrent streams"

@@ -4,7 +4,7 @@
 //! (or `error`) — then `data: [DONE]`, with the `x-vercel-ai-ui-message-stream: v1` header that
 //! custom backends must send.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -16,11 +16,10 @@ use utoipa::ToSchema;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::request_log::RequestLog;
-use crate::routes::inference::{count_rejection, stream_permit, validate_generation};
+use crate::routes::inference::{model_for_generation, stream_generation, validate_generation};
 use crate::routes::method_not_allowed;
 use crate::routes::openai::chat_messages;
-use crate::sse::{EventFormat, StreamMetrics, TokenEvents, sse_response};
+use crate::sse::EventFormat;
 
 /// A part of a UI message; only `{"type":"text","text":…}` parts feed the prompt.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -73,13 +72,7 @@ pub async fn chat(
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let model = state.models.get(&version)?;
-    if let Some(log) = RequestLog::of(&req) {
-        log.set_version(&version);
-    }
-    if state.shutdown.is_draining() {
-        return Err(ApiError::ShuttingDown);
-    }
+    let model = model_for_generation(&state, &version, &req)?;
     let body = body.into_inner();
     let messages = chat_messages(body.messages.into_iter().map(|m| {
         let text = m
@@ -98,19 +91,10 @@ pub async fn chat(
         ..SamplingParams::default()
     };
     let request = validate_generation(&state.settings, &prompt, body.max_tokens, sampling, Vec::new())?;
-    let permit = stream_permit(&state, &req)?;
-    let tokens = model.generate(request).await.inspect_err(|e| count_rejection(&state, e))?;
     let message_id = format!("msg-{:024x}", rand::rng().random::<u128>() >> 32);
-    let events = TokenEvents::new(
-        tokens,
-        UiMessageFormat { message_id, text_id: "text-0".into(), text_open: false },
-        StreamMetrics::new(&state.metrics, &version),
-        state.shutdown.signal(),
-        RequestLog::of(&req),
-        started,
-    )
-    .holding(permit);
-    let mut response = sse_response(events, Duration::from_secs(state.settings.sse_keep_alive_secs), &req);
+    let format = UiMessageFormat { message_id, text_id: "text-0".into(), text_open: false };
+    let mut response =
+        stream_generation(&state, &version, model.as_ref(), request, format, &req, started).await?;
     response
         .headers_mut()
         .insert(HeaderName::from_static("x-vercel-ai-ui-message-stream"), HeaderValue::from_static("v1"));

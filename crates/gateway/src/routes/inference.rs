@@ -6,6 +6,7 @@
 //!
 //! Wire types are validated into an inference `GenerationRequest` before anything is queued.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -22,7 +23,7 @@ use crate::rate_limit::{StreamPermit, client_of};
 use crate::request_log::RequestLog;
 use crate::routes::method_not_allowed;
 use crate::settings::Settings;
-use crate::sse::{NativeFormat, StreamMetrics, TokenEvents, sse_response};
+use crate::sse::{EventFormat, NativeFormat, StreamMetrics, TokenEvents, sse_response};
 
 /// Defaults for optional sampling fields (documented in docs/api.md and the OpenAPI schema).
 pub const DEFAULT_TEMPERATURE: f32 = 0.7;
@@ -247,23 +248,47 @@ async fn stream(
     req: &HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
+    let model = model_for_generation(&state, version, req)?;
+    let request = body.into_generation(&state.settings, model.as_ref())?;
+    stream_generation(&state, version, model.as_ref(), request, NativeFormat, req, started).await
+}
+
+/// The engine serving `version` for a new generation: 404 for an unknown version, 503 while the
+/// server drains. Tags the request's log line with the version.
+pub fn model_for_generation<'a>(
+    state: &'a AppState,
+    version: &str,
+    req: &HttpRequest,
+) -> Result<&'a Arc<dyn Generator>, ApiError> {
     let model = state.models.get(version)?;
-    let log = RequestLog::of(req);
-    if let Some(log) = &log {
+    if let Some(log) = RequestLog::of(req) {
         log.set_version(version);
     }
     if state.shutdown.is_draining() {
         return Err(ApiError::ShuttingDown);
     }
-    let request = body.into_generation(&state.settings, model.as_ref())?;
-    let permit = stream_permit(&state, req)?;
-    let tokens = model.generate(request).await.inspect_err(|e| count_rejection(&state, e))?;
+    Ok(model)
+}
+
+/// Queue `request` and answer with its token stream as SSE in `format`, holding the client's
+/// stream slot for as long as the stream is open. `started` is when the request arrived.
+pub async fn stream_generation<F: EventFormat>(
+    state: &AppState,
+    version: &str,
+    model: &dyn Generator,
+    request: GenerationRequest,
+    format: F,
+    req: &HttpRequest,
+    started: Instant,
+) -> Result<HttpResponse, ApiError> {
+    let permit = stream_permit(state, req)?;
+    let tokens = model.generate(request).await.inspect_err(|e| count_rejection(state, e))?;
     let events = TokenEvents::new(
         tokens,
-        NativeFormat,
+        format,
         StreamMetrics::new(&state.metrics, version),
         state.shutdown.signal(),
-        log,
+        RequestLog::of(req),
         started,
     )
     .holding(permit);
@@ -300,13 +325,7 @@ pub async fn complete(
     body: web::Json<InferenceRequest>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let model = state.models.get(&version)?;
-    if let Some(log) = RequestLog::of(&req) {
-        log.set_version(&version);
-    }
-    if state.shutdown.is_draining() {
-        return Err(ApiError::ShuttingDown);
-    }
+    let model = model_for_generation(&state, &version, &req)?;
     let request = body.into_inner().into_generation(&state.settings, model.as_ref())?;
     let (text, finish_reason, usage) = collect_text(model.as_ref(), request, &state).await?;
     Ok(HttpResponse::Ok().json(InferenceResponse {

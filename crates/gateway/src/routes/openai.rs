@@ -2,7 +2,7 @@
 //! `chat.completion`) and `GET /v1/models`. The `model` is a configured version name (`v1`).
 //! Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
@@ -14,10 +14,11 @@ use utoipa::ToSchema;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::request_log::RequestLog;
-use crate::routes::inference::{Stop, collect_text, count_rejection, stream_permit, validate_generation};
+use crate::routes::inference::{
+    Stop, collect_text, model_for_generation, stream_generation, validate_generation,
+};
 use crate::routes::method_not_allowed;
-use crate::sse::{EventFormat, StreamMetrics, TokenEvents, sse_response};
+use crate::sse::EventFormat;
 
 /// An [`ApiError`] rendered in OpenAI's error shape (same status).
 #[derive(Debug)]
@@ -198,13 +199,7 @@ pub async fn chat_completions(
 ) -> Result<HttpResponse, OpenAiError> {
     let started = Instant::now();
     let body = body.into_inner();
-    let model = state.models.get(&body.model)?;
-    if let Some(log) = RequestLog::of(&req) {
-        log.set_version(&body.model);
-    }
-    if state.shutdown.is_draining() {
-        return Err(ApiError::ShuttingDown.into());
-    }
+    let model = model_for_generation(&state, &body.model, &req)?;
     if body.n.is_some_and(|n| n != 1) {
         return Err(ApiError::InvalidRequest("only n = 1 is supported".into()).into());
     }
@@ -234,25 +229,13 @@ pub async fn chat_completions(
             "usage": usage_json(usage),
         })));
     }
-    let permit = stream_permit(&state, &req)?;
-    let tokens =
-        model.generate(request).await.inspect_err(|e| count_rejection(&state, e)).map_err(ApiError::from)?;
     let format = ChunkFormat {
         id,
         created,
         model: body.model.clone(),
         include_usage: body.stream_options.is_some_and(|o| o.include_usage),
     };
-    let events = TokenEvents::new(
-        tokens,
-        format,
-        StreamMetrics::new(&state.metrics, &body.model),
-        state.shutdown.signal(),
-        RequestLog::of(&req),
-        started,
-    )
-    .holding(permit);
-    Ok(sse_response(events, Duration::from_secs(state.settings.sse_keep_alive_secs), &req))
+    Ok(stream_generation(&state, &body.model, model.as_ref(), request, format, &req, started).await?)
 }
 
 fn usage_json(usage: Usage) -> serde_json::Value {
