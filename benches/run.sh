@@ -18,6 +18,8 @@ trap cleanup EXIT
 
 wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; return 1; }
 
+# The start functions set $server_pid (not `$(...)`: a command substitution would wait for the
+# background server, which inherits its pipe).
 # streamgate as deployed: rate limiting (quotas raised, still checked per request), CORS, JSON
 # logs at info (to a file) and metrics on.
 start_streamgate() { # port, extra args...
@@ -25,13 +27,13 @@ start_streamgate() { # port, extra args...
   taskset -c "$SERVER_CPU" "$bin/streamgate" --port "$port" --http-workers 1 --listen-backlog 16384 \
     --rate-limit 1000000/s:1000000 --max-streams-per-client 1000000 --queue-capacity 100000 \
     --allowed-origins https://app.example.com "$@" > "$out/streamgate-$port.log" 2>&1 &
-  pids+=($!); wait_port "$port"; echo $!
+  server_pid=$!; pids+=("$server_pid"); wait_port "$port"
 }
 start_fastapi() { # port, tokens, interval_ms
-  (cd benches/baselines/fastapi && MOCK_TOKENS=$2 MOCK_INTERVAL_MS=$3 taskset -c "$SERVER_CPU" \
-    "$root/$py/uvicorn" app:app --loop uvloop --http httptools --port "$1" --workers 1 --backlog 16384 \
-    --log-level warning > "$root/$out/fastapi-$1.log" 2>&1) &
-  sleep 0.5; wait_port "$1"; pgrep -f "uvicorn app:app.*--port $1" | head -1
+  MOCK_TOKENS=$2 MOCK_INTERVAL_MS=$3 taskset -c "$SERVER_CPU" "$root/$py/python" -m uvicorn \
+    --app-dir benches/baselines/fastapi app:app --loop uvloop --http httptools --port "$1" --workers 1 \
+    --backlog 16384 --log-level warning > "$out/fastapi-$1.log" 2>&1 &
+  server_pid=$!; pids+=("$server_pid"); wait_port "$1"
 }
 load() { # label, url, pid, args...
   local label=$1 url=$2 pid=$3; shift 3
@@ -42,13 +44,13 @@ stop() { kill "$1" 2>/dev/null || true; sleep 0.5; }
 
 # The same load against streamgate (mock engine) and the FastAPI baseline, one after the other.
 compare() { # name, port, tokens, interval_ms, load-generator args...
-  local name=$1 port=$2 tokens=$3 interval=$4 pid; shift 4
-  pid=$(start_streamgate "$port" --engine mock --mock-tokens "$tokens" --mock-interval-ms "$interval")
-  load "$name-streamgate" "http://127.0.0.1:$port" "$pid" --max-tokens "$tokens" --threads 2 "$@"
-  stop "$pid"
-  pid=$(start_fastapi $((port + 1)) "$tokens" "$interval")
-  load "$name-fastapi" "http://127.0.0.1:$((port + 1))" "$pid" --max-tokens "$tokens" --threads 2 "$@"
-  stop "$pid"
+  local name=$1 port=$2 tokens=$3 interval=$4; shift 4
+  start_streamgate "$port" --engine mock --mock-tokens "$tokens" --mock-interval-ms "$interval"
+  load "$name-streamgate" "http://127.0.0.1:$port" "$server_pid" --max-tokens "$tokens" --threads 2 "$@"
+  stop "$server_pid"
+  start_fastapi $((port + 1)) "$tokens" "$interval"
+  load "$name-fastapi" "http://127.0.0.1:$((port + 1))" "$server_pid" --max-tokens "$tokens" --threads 2 "$@"
+  stop "$server_pid"
 }
 
 scenario=${1:-all}
@@ -69,7 +71,7 @@ if [[ $scenario == all || $scenario == model ]]; then
   for c in 1 4 16; do
     "$bin/streamgate" --port 18230 --max-active-sequences 16 --queue-capacity 64 --rate-limit off \
       --max-streams-per-client 0 --model v1=.cache/models/smollm2-135m-instruct > "$out/model-$c.log" 2>&1 &
-    pid=$!; pids+=($pid); wait_port 18230
+    pid=$!; pids+=("$pid"); wait_port 18230
     "$bin/streamgate-bench" --url http://127.0.0.1:18230 --server-pid "$pid" --label "model-c$c" --quiet \
       --json "$out/model-c$c.json" --svg "$out/model-c$c.svg" --concurrency "$c" --duration-secs 15 --max-tokens 64 \
       --prompt "Write a short poem about the sea." --prompt "Count from 1 to 300, separated by commas." \
