@@ -29,8 +29,15 @@ impl Route {
         }
     }
 
-    /// The raw request for one stream.
-    pub fn request(self, host: &str, version: &str, prompt: &str, max_tokens: usize) -> Vec<u8> {
+    /// The raw request for one stream (`keep_alive`: the connection may carry the next one).
+    pub fn request(
+        self,
+        host: &str,
+        version: &str,
+        prompt: &str,
+        max_tokens: usize,
+        keep_alive: bool,
+    ) -> Vec<u8> {
         let json = |v: serde_json::Value| v.to_string();
         let (method, path, body) = match self {
             Route::Native => (
@@ -61,7 +68,8 @@ impl Route {
             ),
         };
         let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\nConnection: close\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\nConnection: {}\r\n",
+            if keep_alive { "keep-alive" } else { "close" }
         );
         if let Some(body) = &body {
             req.push_str(&format!(
@@ -90,8 +98,16 @@ pub struct StreamResult {
     pub duration_ms: f64,
 }
 
-/// Run one stream to its end (or `deadline`), timing each token event.
+/// A connection kept open between streams (HTTP/1.1 keep-alive), with bytes already read.
+pub struct Connection {
+    socket: TcpStream,
+    leftover: Vec<u8>,
+}
+
+/// Run one stream to its end (or `deadline`), timing each token event. An open connection in
+/// `conn` is reused and, when the response allows, left there for the next stream.
 pub async fn run_stream(
+    conn: &mut Option<Connection>,
     addr: &str,
     request: &[u8],
     route: Route,
@@ -100,10 +116,14 @@ pub async fn run_stream(
 ) -> StreamResult {
     let started = Instant::now();
     let mut result = StreamResult { started_s: (started - run_start).as_secs_f64(), ..Default::default() };
-    match tokio::time::timeout_at(deadline.into(), stream_inner(addr, request, route, started, &mut result))
-        .await
+    let reused = conn.take();
+    match tokio::time::timeout_at(
+        deadline.into(),
+        stream_inner(reused, addr, request, route, started, &mut result),
+    )
+    .await
     {
-        Ok(Ok(())) => {}
+        Ok(Ok(kept)) => *conn = kept,
         Ok(Err(e)) => result.error = Some(e),
         Err(_) => result.error = Some("timed out".into()),
     }
@@ -112,34 +132,42 @@ pub async fn run_stream(
 }
 
 async fn stream_inner(
+    conn: Option<Connection>,
     addr: &str,
     request: &[u8],
     route: Route,
     started: Instant,
     out: &mut StreamResult,
-) -> Result<(), String> {
-    let mut socket = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-    socket.set_nodelay(true).map_err(|e| e.to_string())?;
+) -> Result<Option<Connection>, String> {
+    let (mut socket, mut raw) = match conn {
+        Some(c) => (c.socket, c.leftover),
+        None => {
+            let socket = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+            socket.set_nodelay(true).map_err(|e| e.to_string())?;
+            (socket, Vec::with_capacity(8192))
+        }
+    };
     socket.write_all(request).await.map_err(|e| format!("write: {e}"))?;
-    let mut raw: Vec<u8> = Vec::with_capacity(8192);
     let mut buf = vec![0u8; 16384];
     // Status line and headers.
     let header_end = loop {
+        if let Some(pos) = find(&raw, b"\r\n\r\n") {
+            break pos;
+        }
         let n = socket.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
         if n == 0 {
             return Err("connection closed before the response".into());
         }
         raw.extend_from_slice(&buf[..n]);
-        if let Some(pos) = find(&raw, b"\r\n\r\n") {
-            break pos;
-        }
     };
     let head = String::from_utf8_lossy(&raw[..header_end]).to_ascii_lowercase();
     out.status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let chunked = head.contains("transfer-encoding: chunked");
+    let keep = !head.contains("connection: close");
     raw.drain(..header_end + 4);
     if out.status != 200 {
-        return Ok(());
+        // Error bodies are small and length-delimited; the connection is not reused.
+        return Ok(None);
     }
     let mut body: Vec<u8> = Vec::with_capacity(8192);
     let mut last_token: Option<Instant> = None;
@@ -156,7 +184,9 @@ async fn stream_inner(
             for data in event.lines().filter_map(|l| l.strip_prefix("data: ")) {
                 if data == "[DONE]" {
                     out.done = true;
-                    return Ok(());
+                    if !(chunked && keep) {
+                        return Ok(None);
+                    }
                 }
                 if data.starts_with("{\"error\"") || data.contains("\"type\":\"error\"") {
                     out.error = Some(data.to_owned());
@@ -172,11 +202,12 @@ async fn stream_inner(
             }
         }
         if finished {
-            return Ok(());
+            // The body ended cleanly: the connection can carry the next request.
+            return Ok((keep && out.done).then_some(Connection { socket, leftover: raw }));
         }
         let n = socket.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         raw.extend_from_slice(&buf[..n]);
     }
@@ -196,7 +227,11 @@ pub fn decode_chunks(raw: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<bool, Strin
             .map_err(|_| format!("bad chunk size {size_str:?}"))?;
         let data_start = at + line_end + 2;
         if size == 0 {
-            at = data_start;
+            // The last chunk, then the CRLF that ends the (trailer-less) body.
+            if raw.len() < data_start + 2 {
+                break false;
+            }
+            at = data_start + 2;
             break true;
         }
         if raw.len() < data_start + size + 2 {
@@ -241,8 +276,11 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(decode_chunks(&mut raw, &mut out), Ok(false));
         assert_eq!(out, b"hello world");
-        raw.extend_from_slice(b"\r\n\r\n");
+        raw.extend_from_slice(b"\r\n");
+        assert_eq!(decode_chunks(&mut raw, &mut out), Ok(false), "waits for the CRLF ending the body");
+        raw.extend_from_slice(b"\r\n");
         assert_eq!(decode_chunks(&mut raw, &mut out), Ok(true));
+        assert!(raw.is_empty(), "nothing of the next response is consumed");
         let mut partial = b"a\r\n01234".to_vec();
         assert_eq!(decode_chunks(&mut partial, &mut out), Ok(false));
         assert_eq!(partial, b"a\r\n01234", "an incomplete chunk waits for more bytes");

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use streamgate_benches::client::{Route, StreamResult, process_usage, run_stream};
+use streamgate_benches::client::{Connection, Route, StreamResult, process_usage, run_stream};
 use streamgate_benches::report::{Series, cdf, rate_over_time, render};
 use streamgate_benches::stats::Percentiles;
 
@@ -66,6 +66,10 @@ struct Args {
     /// No progress bar (CI logs).
     #[arg(long)]
     quiet: bool,
+    /// Open a new TCP connection for every stream instead of reusing one per client
+    /// (HTTP/1.1 keep-alive, what browsers and proxies do).
+    #[arg(long)]
+    new_connection_per_stream: bool,
 }
 
 #[derive(Serialize)]
@@ -112,7 +116,18 @@ fn main() -> Result<(), AnyError> {
         prompts.push("Write a short poem about the sea.".into());
     }
     let requests: Arc<Vec<Vec<u8>>> = Arc::new(
-        prompts.iter().map(|p| args.route.request(&hostport, &args.version, p, args.max_tokens)).collect(),
+        prompts
+            .iter()
+            .map(|p| {
+                args.route.request(
+                    &hostport,
+                    &args.version,
+                    p,
+                    args.max_tokens,
+                    !args.new_connection_per_stream,
+                )
+            })
+            .collect(),
     );
     let threads = if args.threads > 0 {
         args.threads
@@ -160,16 +175,16 @@ fn main() -> Result<(), AnyError> {
         let one = {
             let (issued, open, max_open, progress) =
                 (issued.clone(), open.clone(), max_open.clone(), progress.clone());
-            move |addr: Arc<String>, request: Vec<u8>| {
+            move |addr: Arc<String>, request: Vec<u8>, mut conn: Option<Connection>| {
                 let (open, max_open, progress) = (open.clone(), max_open.clone(), progress.clone());
                 let _ = &issued;
                 async move {
                     let now_open = open.fetch_add(1, Ordering::Relaxed) + 1;
                     max_open.fetch_max(now_open, Ordering::Relaxed);
-                    let r = run_stream(&addr, &request, route, started, hard_deadline).await;
+                    let r = run_stream(&mut conn, &addr, &request, route, started, hard_deadline).await;
                     open.fetch_sub(1, Ordering::Relaxed);
                     progress.inc(1);
-                    r
+                    (r, conn)
                 }
             }
         };
@@ -183,8 +198,8 @@ fn main() -> Result<(), AnyError> {
                     break;
                 }
                 let request = requests[n % requests.len()].clone();
-                let task = one(addr.clone(), request);
-                handles.push(tokio::spawn(async move { vec![task.await] }));
+                let task = one(addr.clone(), request, None);
+                handles.push(tokio::spawn(async move { vec![task.await.0] }));
             }
         } else {
             for worker in 0..args.concurrency {
@@ -194,15 +209,20 @@ fn main() -> Result<(), AnyError> {
                     args.ramp_up_secs * worker as f64 / args.concurrency.max(1) as f64,
                 );
                 let limit = args.requests;
+                let reuse = !args.new_connection_per_stream;
                 handles.push(tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
                     let mut mine = Vec::new();
+                    let mut conn = None;
                     loop {
                         let n = issued.fetch_add(1, Ordering::Relaxed);
                         if n >= limit || Instant::now() >= stop_starting {
                             break;
                         }
-                        mine.push(one(addr.clone(), requests[n % requests.len()].clone()).await);
+                        let (result, kept) =
+                            one(addr.clone(), requests[n % requests.len()].clone(), conn).await;
+                        conn = if reuse { kept } else { None };
+                        mine.push(result);
                     }
                     mine
                 }));
