@@ -196,10 +196,9 @@ fn discover_shape(session: &Session, files: &ModelFiles) -> Result<ModelShape> {
     let outputs = session.outputs();
     let output = |name: &str| outputs.iter().find(|o| o.name() == name);
     for i in 0..layers {
-        for name in [format!("past_key_values.{i}.value")] {
-            if input(&name).is_none() {
-                return Err(unsupported(format!("missing input '{name}'")));
-            }
+        let value = format!("past_key_values.{i}.value");
+        if input(&value).is_none() {
+            return Err(unsupported(format!("missing input '{value}'")));
         }
         for name in [format!("present.{i}.key"), format!("present.{i}.value")] {
             if output(&name).is_none() {
