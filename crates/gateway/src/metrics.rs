@@ -81,17 +81,22 @@ impl Metrics {
             )?,
             registry,
         };
-        m.registry.register(Box::new(m.requests.clone()))?;
-        m.registry.register(Box::new(m.active_streams.clone()))?;
-        m.registry.register(Box::new(m.tokens_streamed.clone()))?;
-        m.registry.register(Box::new(m.time_to_first_token.clone()))?;
-        m.registry.register(Box::new(m.inter_token.clone()))?;
-        m.registry.register(Box::new(m.rate_limited.clone()))?;
-        m.registry.register(Box::new(m.rejected.clone()))?;
-        m.registry.register(Box::new(m.engine_active.clone()))?;
-        m.registry.register(Box::new(m.engine_queued.clone()))?;
-        m.registry.register(Box::new(m.engine_cancelled.clone()))?;
-        m.registry.register(Box::new(m.engine_tokens.clone()))?;
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+            Box::new(m.requests.clone()),
+            Box::new(m.active_streams.clone()),
+            Box::new(m.tokens_streamed.clone()),
+            Box::new(m.time_to_first_token.clone()),
+            Box::new(m.inter_token.clone()),
+            Box::new(m.rate_limited.clone()),
+            Box::new(m.rejected.clone()),
+            Box::new(m.engine_active.clone()),
+            Box::new(m.engine_queued.clone()),
+            Box::new(m.engine_cancelled.clone()),
+            Box::new(m.engine_tokens.clone()),
+        ];
+        for collector in collectors {
+            m.registry.register(collector)?;
+        }
         Ok(m)
     }
 

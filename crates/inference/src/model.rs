@@ -17,7 +17,6 @@
 //! this layout loads without per-model code.
 
 use std::borrow::Cow;
-use std::path::{Path, PathBuf};
 
 use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
@@ -62,7 +61,6 @@ pub struct DecoderModel {
     /// Input names for the cache, in `KvCache::values` order.
     past_names: Vec<String>,
     present_names: Vec<String>,
-    path: PathBuf,
 }
 
 /// Session options that are settings, not model facts.
@@ -91,7 +89,7 @@ impl DecoderModel {
         let present_names = (0..shape.layers)
             .flat_map(|i| [format!("present.{i}.key"), format!("present.{i}.value")])
             .collect();
-        Ok(Self { session, shape, past_names, present_names, path })
+        Ok(Self { session, shape, past_names, present_names })
     }
 
     pub fn shape(&self) -> &ModelShape {
@@ -157,10 +155,6 @@ impl DecoderModel {
         cache.values = present;
         cache.len = total;
         Ok(logits)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 

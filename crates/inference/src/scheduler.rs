@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::thread::JoinHandle;
 use std::time::SystemTime;
 
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
@@ -76,7 +75,6 @@ pub struct OnnxEngine {
     queue: SyncSender<Job>,
     queue_capacity: usize,
     shared: Arc<Shared>,
-    worker: Option<JoinHandle<()>>,
 }
 
 impl OnnxEngine {
@@ -117,11 +115,12 @@ impl OnnxEngine {
             shared: Arc::clone(&shared),
             active: Vec::new(),
         };
-        let handle = std::thread::Builder::new()
+        // Detached: the worker ends on its own once `stopping` is set or the queue closes.
+        std::thread::Builder::new()
             .name(format!("inference-{}", files.name))
             .spawn(move || worker.run(jobs))
             .map_err(|e| InferenceError::Runtime(format!("could not start the worker thread: {e}")))?;
-        Ok(Self { info, chat, tokenizer, queue, queue_capacity, shared, worker: Some(handle) })
+        Ok(Self { info, chat, tokenizer, queue, queue_capacity, shared })
     }
 }
 
@@ -192,9 +191,9 @@ impl Generator for OnnxEngine {
 
 impl Drop for OnnxEngine {
     fn drop(&mut self) {
+        // The worker notices `stopping` between steps and ends open streams with `Cancelled`;
+        // nothing here blocks the caller.
         self.shared.stopping.store(true, Ordering::SeqCst);
-        // The worker notices `stopping` between steps; detach rather than block the caller.
-        drop(self.worker.take());
     }
 }
 

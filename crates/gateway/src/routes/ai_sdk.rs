@@ -17,8 +17,8 @@ use utoipa::ToSchema;
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::routes::inference::{model_for_generation, stream_generation, validate_generation};
-use crate::routes::method_not_allowed;
 use crate::routes::openai::chat_messages;
+use crate::routes::resource;
 use crate::sse::EventFormat;
 
 /// A part of a UI message; only `{"type":"text","text":…}` parts feed the prompt.
@@ -50,11 +50,7 @@ pub struct UiChatRequest {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/api/{version}/chat")
-            .route(web::post().to(chat))
-            .default_service(web::to(method_not_allowed)),
-    );
+    cfg.service(resource("/api/{version}/chat").route(web::post().to(chat)));
 }
 
 /// Stream a chat reply in the AI SDK UI message stream protocol.

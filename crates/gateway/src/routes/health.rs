@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::routes::method_not_allowed;
+use crate::routes::resource;
 
 #[derive(Serialize, ToSchema)]
 pub struct HealthStatus {
@@ -17,16 +17,8 @@ pub struct HealthStatus {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/api/{version}/health/live")
-            .route(web::get().to(live))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/api/{version}/health/ready")
-            .route(web::get().to(ready))
-            .default_service(web::to(method_not_allowed)),
-    );
+    cfg.service(resource("/api/{version}/health/live").route(web::get().to(live)))
+        .service(resource("/api/{version}/health/ready").route(web::get().to(ready)));
 }
 
 /// The process is up and serving HTTP.

@@ -21,7 +21,7 @@ use crate::app::AppState;
 use crate::error::ApiError;
 use crate::rate_limit::{StreamPermit, client_of};
 use crate::request_log::RequestLog;
-use crate::routes::method_not_allowed;
+use crate::routes::resource;
 use crate::settings::Settings;
 use crate::sse::{EventFormat, NativeFormat, StreamMetrics, TokenEvents, sse_response};
 
@@ -194,16 +194,11 @@ impl InferenceRequest {
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
-        web::resource("/api/{version}/inference/stream")
+        resource("/api/{version}/inference/stream")
             .route(web::post().to(stream_post))
-            .route(web::get().to(stream_get))
-            .default_service(web::to(method_not_allowed)),
+            .route(web::get().to(stream_get)),
     )
-    .service(
-        web::resource("/api/{version}/inference")
-            .route(web::post().to(complete))
-            .default_service(web::to(method_not_allowed)),
-    );
+    .service(resource("/api/{version}/inference").route(web::post().to(complete)));
 }
 
 /// Stream a generation as server-sent events.

@@ -3,12 +3,10 @@
 use actix_web::{HttpResponse, web};
 
 use crate::app::AppState;
-use crate::routes::method_not_allowed;
+use crate::routes::resource;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/metrics").route(web::get().to(metrics)).default_service(web::to(method_not_allowed)),
-    );
+    cfg.service(resource("/metrics").route(web::get().to(metrics)));
 }
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {

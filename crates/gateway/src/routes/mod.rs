@@ -27,12 +27,17 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     openai::configure(cfg);
 }
 
+/// A route's resource: methods it does not define get the JSON 405 (every route module uses this).
+pub fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(method_not_allowed))
+}
+
 /// JSON 404 for paths no route matches.
 pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, actix_web::Error> {
     Err(crate::error::error_for(req.path(), ApiError::NotFound(format!("{} {}", req.method(), req.path()))))
 }
 
-/// JSON 405 for a known path with the wrong method (each resource's default service).
-pub async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, actix_web::Error> {
+/// JSON 405 for a known path with the wrong method (see [`resource`]).
+async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, actix_web::Error> {
     Err(crate::error::error_for(req.path(), ApiError::MethodNotAllowed))
 }

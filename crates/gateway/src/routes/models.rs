@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::routes::method_not_allowed;
+use crate::routes::resource;
 
 #[derive(Serialize, ToSchema)]
 pub struct ModelDescription {
@@ -28,14 +28,8 @@ pub struct ModelDescription {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/api/models").route(web::get().to(list)).default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/api/{version}/models")
-            .route(web::get().to(describe))
-            .default_service(web::to(method_not_allowed)),
-    );
+    cfg.service(resource("/api/models").route(web::get().to(list)))
+        .service(resource("/api/{version}/models").route(web::get().to(describe)));
 }
 
 /// Every model version this gateway serves.

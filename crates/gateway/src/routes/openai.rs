@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::routes::inference::{
     Stop, collect_text, model_for_generation, stream_generation, validate_generation,
 };
-use crate::routes::method_not_allowed;
+use crate::routes::resource;
 use crate::sse::EventFormat;
 
 /// An [`ApiError`] rendered in OpenAI's error shape (same status).
@@ -155,16 +155,8 @@ fn content_text(content: Option<MessageContent>) -> String {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/v1/chat/completions")
-            .route(web::post().to(chat_completions))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/models")
-            .route(web::get().to(list_models))
-            .default_service(web::to(method_not_allowed)),
-    );
+    cfg.service(resource("/v1/chat/completions").route(web::post().to(chat_completions)))
+        .service(resource("/v1/models").route(web::get().to(list_models)));
 }
 
 fn unix_now() -> u64 {

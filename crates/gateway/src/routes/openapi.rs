@@ -5,7 +5,7 @@ use actix_web::{HttpResponse, web};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
-use crate::routes::{ai_sdk, health, inference, method_not_allowed, models, openai};
+use crate::routes::{ai_sdk, health, inference, models, openai, resource};
 
 /// Every error body: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Serialize, ToSchema)]
@@ -44,16 +44,8 @@ pub struct ErrorObject {
 pub struct ApiDoc;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/api/openapi.json")
-            .route(web::get().to(openapi_json))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/api/docs")
-            .route(web::get().to(docs_page))
-            .default_service(web::to(method_not_allowed)),
-    );
+    cfg.service(resource("/api/openapi.json").route(web::get().to(openapi_json)))
+        .service(resource("/api/docs").route(web::get().to(docs_page)));
 }
 
 async fn openapi_json() -> HttpResponse {

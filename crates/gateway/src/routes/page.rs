@@ -2,10 +2,10 @@
 
 use actix_web::{HttpResponse, web};
 
-use crate::routes::method_not_allowed;
+use crate::routes::resource;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/").route(web::get().to(index)).default_service(web::to(method_not_allowed)));
+    cfg.service(resource("/").route(web::get().to(index)));
 }
 
 async fn index() -> HttpResponse {
