@@ -8,8 +8,15 @@ use crate::settings::LogLevel;
 pub type LogGuard = slog_async::AsyncGuard;
 
 /// A JSON logger writing to stdout at `level` and above.
+///
+/// Each record is serialized into a buffer and written with one `write` when it is complete
+/// (`set_flush`): serde_json emits a record in dozens of small pieces, and writing those to
+/// `Stdout` directly took a lock and a copy each — about a tenth of the server's CPU under load.
+/// Records still reach stdout one whole line at a time, as soon as they are logged.
 pub fn json_logger(level: LogLevel) -> (Logger, LogGuard) {
-    let json = slog_json::Json::new(std::io::stdout()).add_default_keys().set_newlines(true).build().fuse();
+    let stdout = std::io::BufWriter::with_capacity(16 * 1024, std::io::stdout());
+    let json =
+        slog_json::Json::new(stdout).add_default_keys().set_newlines(true).set_flush(true).build().fuse();
     let (drain, guard) = slog_async::Async::new(json).chan_size(4096).build_with_guard();
     let drain = drain.filter_level(slog_level(level)).fuse();
     (Logger::root(drain, o!("service" => "streamgate")), guard)

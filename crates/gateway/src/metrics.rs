@@ -51,7 +51,7 @@ impl Metrics {
                 &["version"],
             )?,
             inter_token: HistogramVec::new(
-                HistogramOpts::new("inter_token_seconds", "Gap between consecutive token events")
+                HistogramOpts::new("inter_token_seconds", "Time between deliveries of token events to a client (tokens ready together are one delivery)")
                     .buckets(gap_buckets),
                 &["version"],
             )?,

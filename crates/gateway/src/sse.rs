@@ -66,12 +66,34 @@ struct NativeFinish {
 
 impl EventFormat for NativeFormat {
     fn token(&mut self, index: usize, text: &str) -> Option<String> {
-        serde_json::to_string(&NativeToken { index, text }).ok()
+        native_token_json(index, text)
     }
 
     fn finish(&mut self, reason: FinishReason, usage: Usage) -> Vec<String> {
         serde_json::to_string(&NativeFinish { finish_reason: reason, usage }).into_iter().collect()
     }
+}
+
+/// `{"index":N,"text":"…"}`, the hottest string the gateway builds (one per token). Text that
+/// needs no JSON escaping (most tokens) is copied into a buffer of exactly the right size — one
+/// allocation, which the SSE layer then takes over without another; anything else goes through
+/// serde_json.
+fn native_token_json(index: usize, text: &str) -> Option<String> {
+    const HEAD: &str = "{\"index\":";
+    const MIDDLE: &str = ",\"text\":\"";
+    const TAIL: &str = "\"}";
+    if text.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        return serde_json::to_string(&NativeToken { index, text }).ok();
+    }
+    let mut digits = itoa::Buffer::new();
+    let index = digits.format(index);
+    let mut json = String::with_capacity(HEAD.len() + index.len() + MIDDLE.len() + text.len() + TAIL.len());
+    json.push_str(HEAD);
+    json.push_str(index);
+    json.push_str(MIDDLE);
+    json.push_str(text);
+    json.push_str(TAIL);
+    Some(json)
 }
 
 /// Per-stream metric handles, resolved once (no label lookups per token).
@@ -112,7 +134,11 @@ pub struct TokenEvents<F: EventFormat> {
     log: Option<Arc<RequestLog>>,
     started: Instant,
     last_token: Option<Instant>,
+    /// The token stream returned `Pending` since the last token: the next token is a new delivery.
+    waited: bool,
     tokens_sent: u64,
+    /// Tokens sent but not yet added to the shared counter (added whenever the stream waits).
+    tokens_unreported: u64,
     finish_reason: Option<&'static str>,
     /// The client's stream slot, released when the stream is dropped.
     _permit: Option<StreamPermit>,
@@ -140,7 +166,9 @@ impl<F: EventFormat> TokenEvents<F> {
             log,
             started,
             last_token: None,
+            waited: true,
             tokens_sent: 0,
+            tokens_unreported: 0,
             finish_reason: None,
             _permit: None,
         }
@@ -155,6 +183,7 @@ impl<F: EventFormat> TokenEvents<F> {
     fn end_with(&mut self, events: Vec<String>, reason: &'static str) {
         self.pending.extend(events);
         self.pending.push_back(DONE.to_owned());
+        self.report_tokens();
         self.state = State::Finished;
         self.finish_reason = Some(reason);
     }
@@ -167,22 +196,37 @@ impl<F: EventFormat> TokenEvents<F> {
         self.end_with(events, "error");
     }
 
+    /// Times the token and renders its event. The clock is read once per delivery: tokens that
+    /// were already waiting when the stream was polled (a burst drained in one go) are sent
+    /// back to back and add no gap, which keeps a clock read and a histogram update off the
+    /// per-event path where the gateway is busiest; a token that had to be waited for is timed.
     fn on_token(&mut self, index: usize, text: &str) -> Option<String> {
-        let now = Instant::now();
-        match self.last_token {
-            None => {
-                let ttft = now.duration_since(self.started);
-                self.metrics.ttft.observe(ttft.as_secs_f64());
-                if let Some(log) = &self.log {
-                    log.set_time_to_first_token(ttft);
+        if self.waited || self.last_token.is_none() {
+            let now = Instant::now();
+            match self.last_token {
+                None => {
+                    let ttft = now.duration_since(self.started);
+                    self.metrics.ttft.observe(ttft.as_secs_f64());
+                    if let Some(log) = &self.log {
+                        log.set_time_to_first_token(ttft);
+                    }
                 }
+                Some(previous) => self.metrics.gap.observe(now.duration_since(previous).as_secs_f64()),
             }
-            Some(previous) => self.metrics.gap.observe(now.duration_since(previous).as_secs_f64()),
+            self.last_token = Some(now);
+            self.waited = false;
         }
-        self.last_token = Some(now);
         self.tokens_sent += 1;
-        self.metrics.tokens.inc();
+        self.tokens_unreported += 1;
         self.format.token(index, text)
+    }
+
+    /// Add the tokens sent so far to the shared counter (one atomic add per delivery, not per token).
+    fn report_tokens(&mut self) {
+        if self.tokens_unreported > 0 {
+            self.metrics.tokens.inc_by(self.tokens_unreported);
+            self.tokens_unreported = 0;
+        }
     }
 }
 
@@ -213,6 +257,8 @@ impl<F: EventFormat> Stream for TokenEvents<F> {
                     this.fail(&ApiError::Internal("the token stream ended without a finish event".into()))
                 }
                 Poll::Pending => {
+                    this.waited = true;
+                    this.report_tokens();
                     if this.shutdown.as_mut().poll(cx).is_ready() {
                         this.fail(&ApiError::ShuttingDown);
                         continue;
@@ -226,6 +272,7 @@ impl<F: EventFormat> Stream for TokenEvents<F> {
 
 impl<F: EventFormat> Drop for TokenEvents<F> {
     fn drop(&mut self) {
+        self.report_tokens();
         self.metrics.active.dec();
         if let Some(log) = &self.log {
             log.set_stream_outcome(self.tokens_sent, self.finish_reason.unwrap_or("client_disconnected"));
@@ -262,10 +309,14 @@ mod tests {
     /// The exact bytes a client receives, split into events.
     async fn wire(tokens: TokenStream, shutdown: ShutdownSignal) -> Vec<String> {
         let metrics = Metrics::new().unwrap_or_else(|e| unreachable!("{e}"));
+        wire_with(&metrics, tokens, shutdown).await
+    }
+
+    async fn wire_with(metrics: &Metrics, tokens: TokenStream, shutdown: ShutdownSignal) -> Vec<String> {
         let events = TokenEvents::new(
             tokens,
             NativeFormat,
-            StreamMetrics::new(&metrics, "v1"),
+            StreamMetrics::new(metrics, "v1"),
             shutdown,
             None,
             Instant::now(),
@@ -327,5 +378,72 @@ mod tests {
         let out = wire(pending, Box::pin(std::future::ready(()))).await;
         assert_eq!(out.len(), 2, "{out:?}");
         assert!(out[0].contains(r#""code":"shutting_down""#) && out[1] == "data: [DONE]", "{out:?}");
+    }
+
+    fn token(index: usize) -> streamgate_inference::Result<GenerationEvent> {
+        Ok(GenerationEvent::Token { index, id: index as u32, text: "t".into() })
+    }
+
+    fn finished(tokens: usize) -> streamgate_inference::Result<GenerationEvent> {
+        Ok(GenerationEvent::Finished {
+            reason: FinishReason::Length,
+            usage: Usage { prompt_tokens: 1, completion_tokens: tokens },
+        })
+    }
+
+    /// (tokens counted, time-to-first-token samples, inter-token samples) for version v1.
+    fn counts(metrics: &Metrics) -> (u64, u64, u64) {
+        (
+            metrics.tokens_streamed.with_label_values(&["v1"]).get(),
+            metrics.time_to_first_token.with_label_values(&["v1"]).get_sample_count(),
+            metrics.inter_token.with_label_values(&["v1"]).get_sample_count(),
+        )
+    }
+
+    #[actix_web::test]
+    async fn a_burst_of_ready_tokens_is_one_delivery_and_every_token_is_counted() {
+        let metrics = Metrics::new().unwrap_or_else(|e| unreachable!("{e}"));
+        let out =
+            wire_with(&metrics, stream_of(vec![token(0), token(1), token(2), finished(3)]), never()).await;
+        assert_eq!(out.len(), 5, "{out:?}");
+        assert_eq!(counts(&metrics), (3, 1, 0));
+    }
+
+    #[actix_web::test]
+    async fn tokens_that_had_to_be_waited_for_are_timed() {
+        let metrics = Metrics::new().unwrap_or_else(|e| unreachable!("{e}"));
+        // Each token arrives after the stream has returned Pending once.
+        let tokens: TokenStream = Box::pin(futures_util::stream::unfold(0usize, |i| async move {
+            tokio::task::yield_now().await;
+            match i {
+                0..3 => Some((token(i), i + 1)),
+                3 => Some((finished(3), i + 1)),
+                _ => None,
+            }
+        }));
+        let out = wire_with(&metrics, tokens, never()).await;
+        assert_eq!(out.len(), 5, "{out:?}");
+        assert_eq!(counts(&metrics), (3, 1, 2), "one first-token sample, then a gap per waited-for token");
+    }
+
+    #[test]
+    fn native_token_json_matches_serde_json_for_any_text() {
+        for text in [
+            "",
+            "Hello",
+            " world",
+            "a\"b",
+            "back\\slash",
+            "line\nbreak",
+            "tab\t",
+            "\u{1}",
+            "héllo ✓ 🦀",
+            "</script>",
+        ] {
+            for index in [0, 7, 10, 12_345] {
+                let expected = serde_json::to_string(&NativeToken { index, text }).ok();
+                assert_eq!(native_token_json(index, text), expected, "{text:?}");
+            }
+        }
     }
 }
