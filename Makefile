@@ -59,7 +59,7 @@ test-rust: setup
 
 test-python: setup $(NGINX) ## reference tests, the openai client, deploy/ (nginx, manifests, Dockerfile), bench smoke
 	cargo build --quiet -p streamgate-inference --example reference_dump
-	cargo build --quiet -p streamgate-gateway --bin streamgate -p streamgate-benches --bin streamgate-bench
+	cargo build --quiet -p streamgate-gateway --bin streamgate -p streamgate-benches --bin streamgate-bench --bin actix-bare-sse
 	$(PY) -m pytest tests/python -q
 
 browser-deps: $(CHROMIUM) $(NODE_DEPS) ## Debian's Chromium and the test's npm packages
@@ -86,7 +86,7 @@ $(VENV)/.bench-installed: benches/baselines/fastapi/requirements.txt | $(VENV)/.
 	touch $@
 
 bench-gateway: setup $(VENV)/.bench-installed ## load tests: streamgate vs the FastAPI pattern (mock engine), and SmolLM2
-	cargo build --release --quiet -p streamgate-gateway --bin streamgate -p streamgate-benches --bin streamgate-bench
+	cargo build --release --quiet -p streamgate-gateway --bin streamgate -p streamgate-benches --bin streamgate-bench --bin actix-bare-sse
 	benches/run.sh all
 
 bench-micro: ## criterion: rate-limit check with 1M clients, SSE event encoding; limiter memory

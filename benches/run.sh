@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Run the gateway benchmarks side by side (`make bench` calls this). Every server is pinned to
-# core 0 and the load generator to core 1 with taskset, so both servers get the same single core.
-# Results: target/bench/*.json and *.svg; a table with ratios is printed at the end.
+# Run the gateway benchmarks side by side (`make bench` calls this). Three servers take the same
+# load, one after the other: streamgate (mock engine, everything on), a bare actix-web SSE handler
+# over the same mock tokens (the floor for a Rust server on this machine), and the FastAPI pattern.
+# Every server is pinned to core 0 and the load generator to core 1 with taskset, so all servers
+# get the same single core; `concurrency-2cores` repeats the 10,000-stream run with two HTTP
+# workers per server and nothing pinned. Results: target/bench/*.json and *.svg; a table with
+# ratios is printed at the end.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -12,6 +16,7 @@ py=.venv/bin
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
+WORKERS=1
 pids=()
 cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
@@ -24,14 +29,19 @@ wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev
 # logs at info (to a file) and metrics on.
 start_streamgate() { # port, extra args...
   local port=$1; shift
-  taskset -c "$SERVER_CPU" "$bin/streamgate" --port "$port" --http-workers 1 --listen-backlog 16384 \
+  taskset -c "$SERVER_CPU" "$bin/streamgate" --port "$port" --http-workers "$WORKERS" --listen-backlog 16384 \
     --rate-limit 1000000/s:1000000 --max-streams-per-client 1000000 --queue-capacity 100000 \
     --allowed-origins https://app.example.com "$@" > "$out/streamgate-$port.log" 2>&1 &
   server_pid=$!; pids+=("$server_pid"); wait_port "$port"
 }
+start_bare() { # port, tokens, interval_ms
+  taskset -c "$SERVER_CPU" "$bin/actix-bare-sse" --port "$1" --workers "$WORKERS" --listen-backlog 16384 \
+    --mock-tokens "$2" --mock-interval-ms "$3" > "$out/bare-$1.log" 2>&1 &
+  server_pid=$!; pids+=("$server_pid"); wait_port "$1"
+}
 start_fastapi() { # port, tokens, interval_ms
   MOCK_TOKENS=$2 MOCK_INTERVAL_MS=$3 taskset -c "$SERVER_CPU" "$root/$py/python" -m uvicorn \
-    --app-dir benches/baselines/fastapi app:app --loop uvloop --http httptools --port "$1" --workers 1 \
+    --app-dir benches/baselines/fastapi app:app --loop uvloop --http httptools --port "$1" --workers "$WORKERS" \
     --backlog 16384 --log-level warning > "$out/fastapi-$1.log" 2>&1 &
   server_pid=$!; pids+=("$server_pid"); wait_port "$1"
 }
@@ -42,14 +52,18 @@ load() { # label, url, pid, args...
 }
 stop() { kill "$1" 2>/dev/null || true; sleep 0.5; }
 
-# The same load against streamgate (mock engine) and the FastAPI baseline, one after the other.
+# The same load against streamgate (mock engine), the bare actix-web handler and the FastAPI
+# baseline, one after the other.
 compare() { # name, port, tokens, interval_ms, load-generator args...
   local name=$1 port=$2 tokens=$3 interval=$4; shift 4
   start_streamgate "$port" --engine mock --mock-tokens "$tokens" --mock-interval-ms "$interval"
   load "$name-streamgate" "http://127.0.0.1:$port" "$server_pid" --max-tokens "$tokens" --threads 2 "$@"
   stop "$server_pid"
-  start_fastapi $((port + 1)) "$tokens" "$interval"
-  load "$name-fastapi" "http://127.0.0.1:$((port + 1))" "$server_pid" --max-tokens "$tokens" --threads 2 "$@"
+  start_bare $((port + 1)) "$tokens" "$interval"
+  load "$name-bare" "http://127.0.0.1:$((port + 1))" "$server_pid" --max-tokens "$tokens" --threads 2 "$@"
+  stop "$server_pid"
+  start_fastapi $((port + 2)) "$tokens" "$interval"
+  load "$name-fastapi" "http://127.0.0.1:$((port + 2))" "$server_pid" --max-tokens "$tokens" --threads 2 "$@"
   stop "$server_pid"
 }
 
@@ -61,6 +75,11 @@ fi
 if [[ $scenario == all || $scenario == concurrency ]]; then
   echo "== 2. concurrency: mock at 50 ms per token, 40 tokens, 10,000 concurrent streams"
   compare concurrency 18210 40 50 --concurrency 10000 --requests 10000 --ramp-up-secs 2 --duration-secs 10
+fi
+if [[ $scenario == all || $scenario == concurrency-2cores ]]; then
+  echo "== 2b. the same 10,000 streams with both cores: two HTTP workers per server, nothing pinned"
+  SERVER_CPU=0,1 CLIENT_CPU=0,1 WORKERS=2 \
+    compare concurrency-2cores 18240 40 50 --concurrency 10000 --requests 10000 --ramp-up-secs 2 --duration-secs 10
 fi
 if [[ $scenario == all || $scenario == overhead ]]; then
   echo "== 3. overhead: 1,000 requests/s open loop, zero-delay mock, 8 tokens, 10 s"

@@ -1,4 +1,4 @@
-"""Print the benchmark table (markdown) from target/bench/*.json, with streamgate/FastAPI ratios."""
+"""Print the benchmark table (markdown) from target/bench/*.json, with ratios to the FastAPI and bare actix-web baselines."""
 
 import json
 import sys
@@ -23,10 +23,18 @@ print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for name in runs:
     print(row(name))
 print()
-for scenario in ("gateway", "concurrency", "overhead"):
-    sg, fa = runs.get(f"{scenario}-streamgate"), runs.get(f"{scenario}-fastapi")
-    if sg and fa and sg.get("server_cpu_us_per_event") and fa.get("server_cpu_us_per_event"):
-        print(f"- {scenario}: server CPU per event FastAPI/streamgate = "
-              f"{fa['server_cpu_us_per_event'] / sg['server_cpu_us_per_event']:.1f}x; events/s streamgate/FastAPI = "
-              f"{sg['events_per_s'] / max(fa['events_per_s'], 1e-9):.2f}x; p99 TTFT FastAPI/streamgate = "
-              f"{fa['ttft_ms']['p99'] / max(sg['ttft_ms']['p99'], 1e-9):.1f}x")
+for scenario in ("gateway", "concurrency", "concurrency-2cores", "overhead"):
+    sg, bare, fa = (runs.get(f"{scenario}-{server}") for server in ("streamgate", "bare", "fastapi"))
+    if not (sg and sg.get("server_cpu_us_per_event")):
+        continue
+    parts = []
+    if fa and fa.get("server_cpu_us_per_event"):
+        parts.append(f"server CPU per event FastAPI/streamgate = "
+                     f"{fa['server_cpu_us_per_event'] / sg['server_cpu_us_per_event']:.1f}x; events/s streamgate/FastAPI = "
+                     f"{sg['events_per_s'] / max(fa['events_per_s'], 1e-9):.2f}x; p99 TTFT FastAPI/streamgate = "
+                     f"{fa['ttft_ms']['p99'] / max(sg['ttft_ms']['p99'], 1e-9):.1f}x")
+    if bare and bare.get("server_cpu_us_per_event"):
+        parts.append(f"server CPU per event streamgate/bare actix-web = "
+                     f"{sg['server_cpu_us_per_event'] / bare['server_cpu_us_per_event']:.2f}x")
+    if parts:
+        print(f"- {scenario}: " + "; ".join(parts))

@@ -244,8 +244,37 @@ pub fn decode_chunks(raw: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<bool, Strin
     Ok(finished)
 }
 
-/// CPU seconds (user + system) and resident KiB of a process, from /proc.
+/// CPU seconds (user + system) and resident KiB of a process and all its descendants, from
+/// /proc (a server with worker processes, like uvicorn with `--workers 2`, is counted whole).
 pub fn process_usage(pid: u32) -> Option<(f64, u64)> {
+    let (mut cpu, mut rss) = one_process_usage(pid)?;
+    let mut stack = children(pid);
+    let mut seen = 0;
+    while let Some(child) = stack.pop() {
+        seen += 1;
+        if seen > 4096 {
+            break;
+        }
+        if let Some((c, r)) = one_process_usage(child) {
+            cpu += c;
+            rss += r;
+        }
+        stack.extend(children(child));
+    }
+    Some((cpu, rss))
+}
+
+/// Direct children of `pid` (from every thread's `children` list).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| list.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+        .collect()
+}
+
+fn one_process_usage(pid: u32) -> Option<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name "(...)": state is field 3; utime/stime are fields 14/15.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -293,5 +322,18 @@ mod tests {
         assert!(!Route::Native.is_token(r#"{"finish_reason":"stop"}"#));
         assert!(Route::Openai.is_token(r#"{"choices":[{"index":0,"delta":{"content":"a"}}]}"#));
         assert!(Route::AiSdk.is_token(r#"{"type":"text-delta","id":"t","delta":"a"}"#));
+    }
+
+    #[test]
+    fn process_usage_counts_child_processes() {
+        let own = process_usage(std::process::id()).map(|(_, rss)| rss);
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap_or_else(|e| unreachable!("cannot run sleep: {e}"));
+        let with_child = process_usage(std::process::id()).map(|(_, rss)| rss);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(own.is_some() && with_child > own, "{own:?} then {with_child:?}");
     }
 }

@@ -4,8 +4,10 @@ JSON result and SVG report checked. A smoke test of the tool, not a timing asser
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from conftest import TARGET, require, start_gateway
@@ -34,3 +36,43 @@ def test_load_generator_runs_for_a_second():
         assert svg.startswith("<svg") and svg.count("<polyline") == 3
     finally:
         server.stop()
+
+
+BARE = TARGET / "debug" / "actix-bare-sse"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bare_actix_baseline_serves_the_same_wire_format():
+    """The bare actix-web baseline that `make bench` runs beside streamgate answers the load
+    generator with complete streams (same events, same `[DONE]`)."""
+    require(BARE, "build it with `cargo build -p streamgate-benches --bin actix-bare-sse` (make test does)")
+    port = free_port()
+    proc = subprocess.Popen([str(BARE), "--port", str(port), "--workers", "1", "--mock-tokens", "8"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "exited"
+                assert time.monotonic() < deadline, "the bare baseline did not start listening"
+                time.sleep(0.05)
+        out = Path(tempfile.mkdtemp(prefix="sg-bare-"))
+        done = subprocess.run(
+            [str(BENCH), "--url", f"http://127.0.0.1:{port}", "--concurrency", "2", "--requests", "20",
+             "--duration-secs", "5", "--max-tokens", "8", "--quiet", "--json", str(out / "r.json")],
+            capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        result = json.loads((out / "r.json").read_text())
+        assert result["streams"] == 20 and result["completed"] == 20 and result["errors"] == 0
+        assert result["token_events"] == 8 * 20
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
