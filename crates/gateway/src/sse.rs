@@ -134,7 +134,8 @@ pub struct TokenEvents<F: EventFormat> {
     log: Option<Arc<RequestLog>>,
     started: Instant,
     last_token: Option<Instant>,
-    /// The token stream returned `Pending` since the last token: the next token is a new delivery.
+    /// Nothing was sent yet, or the token stream returned `Pending` since the last token: the
+    /// next token is a new delivery, timed.
     waited: bool,
     tokens_sent: u64,
     /// Tokens sent but not yet added to the shared counter (added whenever the stream waits).
@@ -201,7 +202,7 @@ impl<F: EventFormat> TokenEvents<F> {
     /// back to back and add no gap, which keeps a clock read and a histogram update off the
     /// per-event path where the gateway is busiest; a token that had to be waited for is timed.
     fn on_token(&mut self, index: usize, text: &str) -> Option<String> {
-        if self.waited || self.last_token.is_none() {
+        if self.waited {
             let now = Instant::now();
             match self.last_token {
                 None => {
