@@ -12,14 +12,19 @@ def row(name: str) -> str:
     r = runs[name]
     cpu = r.get("server_cpu_us_per_event")
     kib = r.get("server_kib_per_open_stream")
+    client = r.get("client_cpu_us_per_event")
+    if cpu is None or kib is None:
+        return f"| {name} | … |"
     return (f"| {name} | {r['streams']} | {r['completed']} | {r['status_503'] + r['status_429'] + r['other_status']} | "
-            f"{r['events_per_s']:.0f} | {cpu:.2f} | {r['ttft_ms']['p50']:.1f} / {r['ttft_ms']['p99']:.1f} | "
+            f"{r['events_per_s']:.0f} | {cpu:.2f} | {'–' if client is None else f'{client:.2f}'} | "
+            f"{r['ttft_ms']['p50']:.1f} / {r['ttft_ms']['p99']:.1f} | "
             f"{r['inter_token_ms']['p50']:.1f} / {r['inter_token_ms']['p99']:.1f} | "
-            f"{r['max_open_streams']} | {kib:.1f} |" if cpu is not None and kib is not None else f"| {name} | … |")
+            f"{r['max_open_streams']} | {kib:.1f} |")
 
 
-print("| run | streams | completed [DONE] | refused | events/s | server CPU µs/event | TTFT p50 / p99 ms | gap p50 / p99 ms | max open | server KiB/open stream |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| run | streams | completed [DONE] | refused | events/s | server CPU µs/event | load generator CPU µs/event "
+      "| TTFT p50 / p99 ms | gap p50 / p99 ms | max open | server KiB/open stream |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for name in runs:
     print(row(name))
 print()

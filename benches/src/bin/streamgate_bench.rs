@@ -90,6 +90,8 @@ struct Summary {
     inter_token_ms: Percentiles,
     server_cpu_s: Option<f64>,
     server_cpu_us_per_event: Option<f64>,
+    /// The load generator's own CPU per token event: near a core's worth, it is the bottleneck.
+    client_cpu_us_per_event: Option<f64>,
     server_rss_before_kib: Option<u64>,
     server_rss_peak_kib: Option<u64>,
     server_kib_per_open_stream: Option<f64>,
@@ -137,6 +139,7 @@ fn main() -> Result<(), AnyError> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?;
 
     let before = args.server_pid.and_then(process_usage);
+    let client_before = process_usage(std::process::id());
     let started = Instant::now();
     let stop_starting = started + Duration::from_secs_f64(args.duration_secs);
     let hard_deadline = stop_starting + Duration::from_secs(30);
@@ -243,6 +246,7 @@ fn main() -> Result<(), AnyError> {
         let _ = s.join();
     }
     let after = args.server_pid.and_then(process_usage);
+    let client_cpu = client_before.zip(process_usage(std::process::id())).map(|(b, a)| a.0 - b.0);
 
     let token_events: usize = results.iter().map(|r| r.tokens).sum();
     let ok = |r: &&StreamResult| r.status == 200;
@@ -269,6 +273,9 @@ fn main() -> Result<(), AnyError> {
         ),
         server_cpu_s: cpu,
         server_cpu_us_per_event: cpu.filter(|_| token_events > 0).map(|c| c * 1e6 / token_events as f64),
+        client_cpu_us_per_event: client_cpu
+            .filter(|_| token_events > 0)
+            .map(|c| c * 1e6 / token_events as f64),
         server_rss_before_kib: before.map(|b| b.1),
         server_rss_peak_kib: args.server_pid.map(|_| peak),
         server_kib_per_open_stream: before
@@ -299,6 +306,9 @@ fn main() -> Result<(), AnyError> {
     )?;
     if let (Some(cpu), Some(per)) = (summary.server_cpu_s, summary.server_cpu_us_per_event) {
         writeln!(out, "  server CPU: {cpu:.2} s = {per:.3} µs per token event")?;
+    }
+    if let Some(per) = summary.client_cpu_us_per_event {
+        writeln!(out, "  load generator CPU: {per:.3} µs per token event")?;
     }
     if let (Some(b), Some(pk)) = (summary.server_rss_before_kib, summary.server_rss_peak_kib) {
         writeln!(
