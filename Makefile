@@ -12,6 +12,7 @@ PY       := $(VENV)/bin/python
 ORT_LIB  := $(CACHE)/onnxruntime/libonnxruntime.so.1.31.1
 SMOLLM2  := $(CACHE)/models/smollm2-135m-instruct
 TINY     := models/tiny-llama
+TINY_FUSED := models/tiny-llama-fused
 PREP_PY  := $(addprefix scripts/model_prep/,gguf_to_onnx.py llama_onnx.py hf_files.py)
 CHROMIUM := /usr/bin/chromium
 NGINX    := /usr/sbin/nginx
@@ -103,7 +104,7 @@ bench-engine: setup ## one stream: Rust engine vs the Python onnxruntime loop, a
 	$(PY) benches/python/engine_table.py < target/bench/engine.jsonl
 
 tiny-model: venv ## regenerate the committed tiny test model (deterministic)
-	$(PY) scripts/model_prep/make_tiny_model.py $(TINY) --no-past-fixture models/fixtures/no-past
+	$(PY) scripts/model_prep/make_tiny_model.py $(TINY) --fused $(TINY_FUSED) --no-past-fixture models/fixtures/no-past
 
 fmt: ## format the Rust code
 	cargo fmt --all

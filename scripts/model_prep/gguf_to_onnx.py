@@ -1,11 +1,16 @@
-"""Convert a LLaMA-architecture GGUF file (e.g. SmolLM2-135M-Instruct) into an Optimum-layout
-ONNX model folder: model.onnx + tokenizer.json + config/generation/tokenizer config.
+"""Convert a LLaMA-architecture GGUF file (e.g. SmolLM2-135M-Instruct) into an ONNX model folder:
+model.onnx + tokenizer.json + config/generation/tokenizer config.
 
-    python gguf_to_onnx.py MODEL.gguf OUT_DIR
+    python gguf_to_onnx.py MODEL.gguf OUT_DIR [--layout fused|optimum]
 
-Weights are dequantized to float32. GGUF keeps the q/k projections permuted for interleaved
-rotary embeddings; the graph (llama_onnx.py) rotates adjacent pairs to match, so the weights
-are used as stored.
+--layout fused (the default model): one fused graph of ONNX Runtime contrib ops built from the GGUF's
+own quantized blocks (llama_fused.py): MatMulNBits, GroupQueryAttention with rotary and a shared KV
+buffer, SkipSimplifiedLayerNormalization.
+--layout optimum: the fp32 Optimum "text-generation-with-past" layout (llama_onnx.py), weights
+dequantized to float32; the reference the fused graph is measured against.
+
+GGUF keeps the q/k projections permuted for interleaved rotary embeddings; both graphs rotate
+adjacent pairs to match, so the weights are used as stored.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_files import write_model_folder  # noqa: E402
+from llama_fused import build_fused_model, q4_1_blocks, q8_0_blocks  # noqa: E402
 from llama_onnx import LlamaConfig, build_model  # noqa: E402
 
 GGUF_CONTROL_TOKEN = 3
@@ -59,13 +65,42 @@ def read_weights(reader: GGUFReader, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     for t in reader.tensors:
         arr = dequantize(t.data, t.tensor_type).astype(np.float32)
         raw[t.name] = arr.reshape([int(d) for d in reversed(t.shape.tolist())]) if arr.ndim != len(t.shape) else arr
-    names = {"attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
-             "ffn_norm": "ffn_norm", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
     w = {"embed": raw.pop("token_embd.weight"), "final_norm": raw.pop("output_norm.weight")}
     if "output.weight" in raw:
         w["lm_head"] = raw.pop("output.weight")
     for i in range(cfg.num_layers):
-        for ours, theirs in names.items():
+        for ours, theirs in LAYER_TENSORS.items():
+            w[f"layers.{i}.{ours}"] = raw.pop(f"blk.{i}.{theirs}.weight")
+    if raw:
+        raise SystemExit(f"unexpected GGUF tensors: {sorted(raw)[:5]}")
+    return w
+
+
+LAYER_TENSORS = {"attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
+                 "ffn_norm": "ffn_norm", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+
+
+def read_blocks(reader: GGUFReader, cfg: LlamaConfig) -> dict:
+    """The GGUF's tensors as they are stored: Q4_1 / Q8_0 matrices as quantized blocks, F32 as arrays."""
+    readers = {"Q4_1": q4_1_blocks, "Q8_0": q8_0_blocks}
+    raw = {}
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind == "F32":
+            raw[t.name] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+        elif kind in readers:
+            k, n = (int(d) for d in t.shape.tolist())
+            raw[t.name] = readers[kind](np.asarray(t.data), n, k)
+        else:
+            raise SystemExit(f"{t.name}: GGUF type {kind} is not supported by the fused layout "
+                             "(Q4_1, Q8_0 and F32 are); use --layout optimum")
+    w = {"embed": raw.pop("token_embd.weight"), "final_norm": raw.pop("output_norm.weight")}
+    if "output.weight" in raw:
+        w["lm_head"] = raw.pop("output.weight")
+    if getattr(w["embed"], "bits", None) != 8:
+        raise SystemExit("the fused layout needs a Q8_0 token embedding; use --layout optimum")
+    for i in range(cfg.num_layers):
+        for ours, theirs in LAYER_TENSORS.items():
             w[f"layers.{i}.{ours}"] = raw.pop(f"blk.{i}.{theirs}.weight")
     if raw:
         raise SystemExit(f"unexpected GGUF tensors: {sorted(raw)[:5]}")
@@ -96,6 +131,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("gguf", type=Path)
     ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--layout", choices=["fused", "optimum"], default="fused")
+    ap.add_argument("--accuracy-level", type=int, default=4, choices=[1, 4],
+                    help="MatMulNBits accuracy_level for the fused layout: 4 = int8 activations, 1 = fp32")
+    ap.add_argument("--q4-residual", choices=["exact", "none"], default="exact",
+                    help="keep Q4_1's per-block residual (exact) or drop it (fused layout)")
     args = ap.parse_args()
 
     reader = GGUFReader(str(args.gguf))
@@ -104,16 +144,21 @@ def main() -> None:
     eos_id = int(field(reader, "tokenizer.ggml.eos_token_id"))
     bos_id = int(field(reader, "tokenizer.ggml.bos_token_id"))
     template = reader.fields.get("tokenizer.chat_template")
-    weights = read_weights(reader, cfg)
+    if args.layout == "fused":
+        weights = read_blocks(reader, cfg)
+        model = build_fused_model(cfg, weights, producer="streamgate gguf_to_onnx (fused)",
+                                  accuracy_level=args.accuracy_level, exact_q4=args.q4_residual == "exact")
+    else:
+        weights = read_weights(reader, cfg)
+        model = build_model(cfg, weights, producer="streamgate gguf_to_onnx")
     tied = "lm_head" not in weights
-    model = build_model(cfg, weights, producer="streamgate gguf_to_onnx")
     write_model_folder(
         args.out_dir, cfg, model, tok,
         bos_token=tokens[bos_id], eos_token=tokens[eos_id], eos_ids=[eos_id],
         chat_template=template.contents() if template is not None else None,
         name=str(field(reader, "general.name")), tied_embeddings=tied,
     )
-    print(f"wrote {args.out_dir} ({cfg.num_layers} layers, vocab {cfg.vocab_size})")
+    print(f"wrote {args.out_dir} ({args.layout} layout, {cfg.num_layers} layers, vocab {cfg.vocab_size})")
 
 
 if __name__ == "__main__":

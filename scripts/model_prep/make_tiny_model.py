@@ -3,7 +3,10 @@ BPE tokenizer trained on the text below. Random weights from a fixed seed; same 
 graph builder as the real model, so tests of the KV cache, sampling and streaming run in
 milliseconds against real ONNX Runtime.
 
-    python make_tiny_model.py OUT_DIR [--no-past-fixture DIR]
+    python make_tiny_model.py OUT_DIR [--fused DIR] [--no-past-fixture DIR]
+
+--fused also writes the same weights, quantized (Q4_1 projections, Q8_0 embedding and lm_head,
+round to nearest), as a fused-layout graph (llama_fused.py): the tests' model of that layout.
 
 --no-past-fixture also writes a model that is valid ONNX but lacks the KV-cache inputs (an export
 without `-with-past`), for the test that the loader names what is missing.
@@ -23,6 +26,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_files import write_model_folder  # noqa: E402
+from llama_fused import build_fused_model, quantize_q4_1, quantize_q8_0  # noqa: E402
 from llama_onnx import LlamaConfig, build_model  # noqa: E402
 
 SEED = 20261124
@@ -80,6 +84,12 @@ def random_weights(cfg: LlamaConfig, rng: np.random.Generator) -> dict[str, np.n
     return w
 
 
+def quantized(w: dict[str, np.ndarray]) -> dict:
+    """What a GGUF of these weights holds: 8-bit embedding and lm_head, 4-bit projections, fp32 norms."""
+    return {k: (quantize_q8_0(v) if k in ("embed", "lm_head") else quantize_q4_1(v) if v.ndim == 2 else v)
+            for k, v in w.items()}
+
+
 def write_no_past_fixture(out_dir: Path, tiny_dir: Path) -> None:
     """input_ids + attention_mask -> logits, no past_key_values: what a plain export looks like."""
     # The loader rejects it before running anything, so a 16-row table is enough.
@@ -99,14 +109,20 @@ def write_no_past_fixture(out_dir: Path, tiny_dir: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--fused", type=Path)
     ap.add_argument("--no-past-fixture", type=Path)
     args = ap.parse_args()
     tok = train_tokenizer()
     cfg = LlamaConfig(**{**CFG.__dict__, "vocab_size": tok.get_vocab_size(with_added_tokens=True)})
-    model = build_model(cfg, random_weights(cfg, np.random.default_rng(SEED)), producer="streamgate make_tiny_model")
-    write_model_folder(args.out_dir, cfg, model, tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                       eos_ids=[tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")],
-                       chat_template=CHAT_TEMPLATE, name="streamgate/tiny-llama", tied_embeddings=False)
+    weights = random_weights(cfg, np.random.default_rng(SEED))
+    folder = dict(bos_token="<|im_start|>", eos_token="<|im_end|>",
+                  eos_ids=[tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")],
+                  chat_template=CHAT_TEMPLATE, tied_embeddings=False)
+    model = build_model(cfg, weights, producer="streamgate make_tiny_model")
+    write_model_folder(args.out_dir, cfg, model, tok, name="streamgate/tiny-llama", **folder)
+    if args.fused:
+        fused = build_fused_model(cfg, quantized(weights), producer="streamgate make_tiny_model (fused)")
+        write_model_folder(args.fused, cfg, fused, tok, name="streamgate/tiny-llama-fused", **folder)
     if args.no_past_fixture:
         write_no_past_fixture(args.no_past_fixture, args.out_dir)
     print(f"wrote {args.out_dir} (vocab {cfg.vocab_size})")

@@ -45,3 +45,58 @@ class OrtDecoder:
             logits, past = self.forward([token], past, done)
             done += 1
         return first, ids
+
+
+class FusedDecoder:
+    """The fused layout (scripts/model_prep/llama_fused.py): one KV buffer per layer of `max_len`
+    positions, bound as both `past_key_values.*` and `present.*`, so GroupQueryAttention writes new
+    positions in place; `seqlens_k` / `total_sequence_length` say how many are valid."""
+
+    def __init__(self, model_dir: Path, threads: int, max_len: int = 2048) -> None:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        assert "seqlens_k" in inputs, "not a fused-layout model"
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        first = inputs["past_key_values.0.key"]
+        self.kv_heads, self.head_dim, self.max_len = first.shape[1], first.shape[3], max_len
+
+    def empty_past(self) -> list:
+        shape = (1, self.kv_heads, self.max_len, self.head_dim)
+        return [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in self.past_names]
+
+    def forward(self, ids: list[int], past: list, done: int):
+        total = done + len(ids)
+        if total > self.max_len:
+            raise ValueError(f"{total} positions do not fit a cache of {self.max_len}")
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.array([ids], np.int64))
+        binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        binding.bind_output("logits")  # first, so it is get_outputs()[0]
+        for name, value in zip(self.past_names, past):
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[0, -1], past
+
+    def greedy(self, prompt_ids: list[int], steps: int, eos: set[int]) -> tuple[np.ndarray, list[int]]:
+        logits, past = self.forward(prompt_ids, self.empty_past(), 0)
+        first = logits.copy()
+        done, ids = len(prompt_ids), []
+        for _ in range(steps):
+            token = int(np.argmax(logits))
+            ids.append(token)
+            if token in eos:
+                break
+            logits, past = self.forward([token], past, done)
+            done += 1
+        return first, ids
+
+
+def decoder_for(model_dir: Path, threads: int):
+    """The reference decoder for either layout, told apart by the graph's inputs."""
+    session_inputs = {i.name for i in ort.InferenceSession(
+        str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"]).get_inputs()}
+    return FusedDecoder(model_dir, threads) if "seqlens_k" in session_inputs else OrtDecoder(model_dir, threads)

@@ -52,8 +52,8 @@ fn main() -> Result<(), AnyError> {
 
     let first_logits = {
         let mut model = DecoderModel::load(&env, &files, &SessionOptions { intra_threads: input.threads })?;
-        let mut cache = model.empty_cache()?;
-        model.forward(&prompt_ids, &mut cache)?
+        let mut cache = model.new_cache(prompt_ids.len())?;
+        model.forward(&prompt_ids, &mut cache)?.to_vec()
     };
 
     let engine = OnnxEngine::start(&EngineConfig {

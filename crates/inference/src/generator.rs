@@ -84,6 +84,8 @@ pub struct ModelInfo {
     pub loaded_at: SystemTime,
     /// `onnx` for a real model, `mock` for the benchmarking token source.
     pub engine: &'static str,
+    /// The ONNX graph layout (`fused` or `optimum`); `mock` for the mock engine.
+    pub layout: &'static str,
 }
 
 /// Counters of an engine, for health and metrics.

@@ -44,6 +44,7 @@ impl MockEngine {
                 vocab_size: 0,
                 loaded_at: SystemTime::now(),
                 engine: "mock",
+                layout: "mock",
             },
             chat: ChatTemplate::new(None, None, None)?,
         })

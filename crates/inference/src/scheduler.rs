@@ -22,7 +22,7 @@ use crate::generator::{
     BoxFuture, EngineStats, FinishReason, GenerationEvent, GenerationRequest, Generator, ModelInfo,
     ReceiverStream, TokenStream, Usage, validate_request,
 };
-use crate::model::{DecoderModel, KvCache, SessionOptions};
+use crate::model::{DecoderModel, Interrupt, KvCache, SessionOptions};
 use crate::model_files::ModelFiles;
 use crate::runtime::init_runtime;
 use crate::sampling::Sampler;
@@ -75,6 +75,8 @@ pub struct OnnxEngine {
     queue: SyncSender<Job>,
     queue_capacity: usize,
     shared: Arc<Shared>,
+    /// Stops a forward pass in progress (a long prefill) at shutdown.
+    interrupt: Interrupt,
 }
 
 impl OnnxEngine {
@@ -95,6 +97,7 @@ impl OnnxEngine {
             vocab_size: model.shape().vocab_size,
             loaded_at: SystemTime::now(),
             engine: "onnx",
+            layout: model.layout().as_str(),
         };
         let chat = ChatTemplate::new(
             files.chat_template.as_deref(),
@@ -103,6 +106,7 @@ impl OnnxEngine {
         )
         .map_err(|e| InferenceError::ModelFiles { path: files.dir.clone(), reason: e.to_string() })?;
         let queue_capacity = config.queue_capacity.max(1);
+        let interrupt = model.interrupt();
         let (queue, jobs) = mpsc::sync_channel(queue_capacity);
         let shared = Arc::new(Shared::default());
         shared.running.store(true, Ordering::SeqCst);
@@ -120,7 +124,7 @@ impl OnnxEngine {
             .name(format!("inference-{}", files.name))
             .spawn(move || worker.run(jobs))
             .map_err(|e| InferenceError::Runtime(format!("could not start the worker thread: {e}")))?;
-        Ok(Self { info, chat, tokenizer, queue, queue_capacity, shared })
+        Ok(Self { info, chat, tokenizer, queue, queue_capacity, shared, interrupt })
     }
 }
 
@@ -191,9 +195,10 @@ impl Generator for OnnxEngine {
 
 impl Drop for OnnxEngine {
     fn drop(&mut self) {
-        // The worker notices `stopping` between steps and ends open streams with `Cancelled`;
-        // nothing here blocks the caller.
+        // The worker notices `stopping` between steps and ends open streams with `Cancelled`; a
+        // forward pass in progress (a long prefill) is interrupted. Nothing here blocks the caller.
         self.shared.stopping.store(true, Ordering::SeqCst);
+        self.interrupt.terminate();
     }
 }
 
@@ -266,7 +271,9 @@ impl Worker {
             self.shared.cancelled.fetch_add(1, Ordering::SeqCst);
             return; // the client left while queued
         }
-        let cache = match self.model.empty_cache() {
+        // The cache holds every position this request can reach, reserved once (no growth per token).
+        let capacity = (prompt_ids.len() + request.max_tokens).min(self.context_length);
+        let cache = match self.model.new_cache(capacity) {
             Ok(cache) => cache,
             Err(e) => {
                 let _ = events.send(Err(e));
@@ -300,6 +307,11 @@ impl Worker {
                     let seq = self.active.swap_remove(i);
                     finish(&self.shared, seq, reason);
                 }
+                Some(Err(_)) if self.shared.stopping.load(Ordering::SeqCst) => {
+                    // The run was interrupted by shutdown: the stream ends as cancelled.
+                    let seq = self.active.swap_remove(i);
+                    finish(&self.shared, seq, FinishReason::Cancelled);
+                }
                 Some(Err(e)) => {
                     let seq = self.active.swap_remove(i);
                     let _ = seq.events.send(Err(e));
@@ -316,8 +328,8 @@ impl Worker {
 
     fn step(&mut self, i: usize) -> Result<Step> {
         let seq = &mut self.active[i];
-        let mut logits = self.model.forward(&seq.next_input, &mut seq.cache)?;
-        let id = seq.sampler.sample(&mut logits, &seq.history);
+        let logits = self.model.forward(&seq.next_input, &mut seq.cache)?;
+        let id = seq.sampler.sample(logits, &seq.history);
         seq.generated += 1;
         seq.history.push(id);
         self.shared.tokens_generated.fetch_add(1, Ordering::Relaxed);

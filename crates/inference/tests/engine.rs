@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::{FutureExt, StreamExt};
-use streamgate_inference::model::{DecoderModel, SessionOptions};
+use streamgate_inference::model::{DecoderModel, Layout, SessionOptions};
 use streamgate_inference::model_files::ModelFiles;
 use streamgate_inference::runtime::init_runtime;
 use streamgate_inference::tokenizer::TextTokenizer;
@@ -24,28 +24,46 @@ fn finished(events: &[GenerationEvent]) -> (FinishReason, usize, usize) {
     }
 }
 
-#[test]
-fn kv_cache_matches_full_recomputation() {
+/// Decoding from the cache gives the logits of recomputing the whole sequence, for both layouts:
+/// the fused one writes each new position into its preallocated buffer in place.
+fn check_kv_cache_matches_full_recomputation(model_dir: &std::path::Path, layout: Layout) {
     let env = init_runtime(&ort_dylib()).expect("runtime");
-    let files = ModelFiles::read(&tiny_model_dir()).expect("files");
+    let files = ModelFiles::read(model_dir).expect("files");
     let tok = TextTokenizer::from_file(&files.tokenizer_path).expect("tokenizer");
     let mut model = DecoderModel::load(&env, &files, &SessionOptions { intra_threads: 1 }).expect("model");
+    assert_eq!(model.layout(), layout);
     let mut ids = tok.encode(PROMPT).expect("encode");
+    let capacity = ids.len() + 12;
 
     // Incremental: prompt once, then one token per step from the cache.
-    let mut cache = model.empty_cache().expect("cache");
-    let mut logits = model.forward(&ids, &mut cache).expect("prefill");
+    let mut cache = model.new_cache(capacity).expect("cache");
+    let mut logits = model.forward(&ids, &mut cache).expect("prefill").to_vec();
     for _ in 0..12 {
         let next = streamgate_inference::sampling::argmax(&logits);
         ids.push(next);
-        logits = model.forward(&[next], &mut cache).expect("decode");
+        logits = model.forward(&[next], &mut cache).expect("decode").to_vec();
         assert_eq!(cache.len(), ids.len());
         // Reference: the whole sequence from scratch, no cache.
-        let mut fresh = model.empty_cache().expect("cache");
+        let mut fresh = model.new_cache(capacity).expect("cache");
         let full = model.forward(&ids, &mut fresh).expect("full");
-        let max_diff = logits.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let max_diff = logits.iter().zip(full.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(max_diff < 1e-4, "cached and recomputed logits differ by {max_diff}");
     }
+    // A cache never grows past what it was made for: a clear error, not a reallocation.
+    let err = model.forward(&[0], &mut cache).err();
+    if layout == Layout::Fused {
+        assert!(err.is_some_and(|e| e.to_string().contains("do not fit")), "a full fused cache must refuse");
+    }
+}
+
+#[test]
+fn kv_cache_matches_full_recomputation_optimum() {
+    check_kv_cache_matches_full_recomputation(&tiny_model_dir(), Layout::Optimum);
+}
+
+#[test]
+fn kv_cache_matches_full_recomputation_fused() {
+    check_kv_cache_matches_full_recomputation(&tiny_fused_model_dir(), Layout::Fused);
 }
 
 #[tokio::test]

@@ -25,6 +25,9 @@ pub struct ModelDescription {
     pub loaded_since: String,
     /// `onnx`, or `mock` for the benchmarking token source.
     pub engine: &'static str,
+    /// The ONNX graph layout: `fused` (the default model's quantized graph) or `optimum`
+    /// (an fp32 Optimum export); `mock` for the mock engine.
+    pub layout: &'static str,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -49,6 +52,7 @@ fn description(version: &str, info: &streamgate_inference::ModelInfo) -> ModelDe
         vocab_size: info.vocab_size,
         loaded_since: rfc3339(info.loaded_at),
         engine: info.engine,
+        layout: info.layout,
     }
 }
 

@@ -17,6 +17,11 @@ pub fn tiny_model_dir() -> PathBuf {
     repo_root().join("models/tiny-llama")
 }
 
+/// The same tiny weights, quantized, in the fused layout (models/tiny-llama-fused).
+pub fn tiny_fused_model_dir() -> PathBuf {
+    repo_root().join("models/tiny-llama-fused")
+}
+
 /// The library `make setup` extracts (tests run through `make test`, which prepares it).
 pub fn ort_dylib() -> PathBuf {
     repo_root().join(DEFAULT_DYLIB_PATH)

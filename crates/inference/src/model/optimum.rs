@@ -1,8 +1,6 @@
-//! The ONNX Runtime session of one decoder model and its KV cache.
-//!
-//! The graph is an Optimum "text-generation-with-past" export. Each call to
-//! [`DecoderModel::forward`] feeds new tokens plus the cache, and swaps the cache for the graph's
-//! `present.*` outputs (an `Arc` handle, no copy):
+//! The Optimum "text-generation-with-past" layout: an fp32 export whose cache grows by
+//! concatenation. Each call to [`OptimumModel::forward`] feeds new tokens plus the cache, and swaps
+//! the cache for the graph's `present.*` outputs (an `Arc` handle, no copy):
 //!
 //! ```text
 //! input_ids                  i64 [batch, seq]
@@ -14,104 +12,87 @@
 //! ```
 //!
 //! Layer count, KV heads and head size come from the session's input metadata, so any model in
-//! this layout loads without per-model code.
+//! this layout loads without per-model code. This is the layout of users' own exports and of the
+//! fp32 reference graph the fused default model is measured against.
 
 use std::borrow::Cow;
 
-use ort::environment::Environment;
-use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType};
 
+use super::{Interrupt, ModelShape, unsupported};
 use crate::error::{InferenceError, Result};
 use crate::model_files::ModelFiles;
 
 /// Per-sequence attention cache: one key and one value tensor per layer.
-pub struct KvCache {
+pub struct Cache {
     /// `[k0, v0, k1, v1, ...]`, each `[1, kv_heads, len, head_dim]`.
     values: Vec<DynValue>,
     len: usize,
 }
 
-impl KvCache {
+impl Cache {
     /// Number of positions cached (prompt + generated so far).
     pub fn len(&self) -> usize {
         self.len
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
-/// Shape facts discovered from the graph.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelShape {
-    pub layers: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub vocab_size: usize,
-    pub has_position_ids: bool,
-}
-
-/// An ONNX Runtime session for one decoder, owned by one worker thread.
-pub struct DecoderModel {
+/// An Optimum-layout session, owned by one worker thread.
+pub struct OptimumModel {
     session: Session,
     shape: ModelShape,
-    /// Input names for the cache, in `KvCache::values` order.
+    has_position_ids: bool,
+    interrupt: Interrupt,
+    /// The last token's logits, copied out of the run's output.
+    logits: Vec<f32>,
+    /// Input names for the cache, in `Cache::values` order.
     past_names: Vec<String>,
     present_names: Vec<String>,
 }
 
-/// Session options that are settings, not model facts.
-#[derive(Debug, Clone)]
-pub struct SessionOptions {
-    /// ONNX Runtime intra-op threads for this session.
-    pub intra_threads: usize,
-}
-
-impl DecoderModel {
-    /// Create the session and check the graph has the inputs and outputs of a decoder with past.
-    pub fn load(env: &Environment, files: &ModelFiles, options: &SessionOptions) -> Result<Self> {
-        let path = files.onnx_path.clone();
-        let session = Session::builder(env)
-            .map_err(InferenceError::runtime)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(InferenceError::runtime)?
-            .with_intra_threads(options.intra_threads.max(1))
-            .map_err(InferenceError::runtime)?
-            .commit_from_file(&path)
-            .map_err(|e| InferenceError::UnsupportedModel { path: path.clone(), reason: e.to_string() })?;
-        let shape = discover_shape(&session, files)?;
+impl OptimumModel {
+    /// Check the graph has the inputs and outputs of a decoder with past.
+    pub(super) fn new(session: Session, files: &ModelFiles, interrupt: Interrupt) -> Result<Self> {
+        let (shape, has_position_ids) = discover_shape(&session, files)?;
         let past_names = (0..shape.layers)
             .flat_map(|i| [format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value")])
             .collect();
         let present_names = (0..shape.layers)
             .flat_map(|i| [format!("present.{i}.key"), format!("present.{i}.value")])
             .collect();
-        Ok(Self { session, shape, past_names, present_names })
+        Ok(Self {
+            logits: Vec::with_capacity(shape.vocab_size),
+            session,
+            shape,
+            has_position_ids,
+            interrupt,
+            past_names,
+            present_names,
+        })
     }
 
     pub fn shape(&self) -> &ModelShape {
         &self.shape
     }
 
+    pub fn interrupt(&self) -> Interrupt {
+        self.interrupt.clone()
+    }
+
     /// A cache holding no positions (zero-length past tensors).
-    pub fn empty_cache(&self) -> Result<KvCache> {
+    pub fn empty_cache(&self) -> Result<Cache> {
         let dims = [1i64, self.shape.kv_heads as i64, 0, self.shape.head_dim as i64];
         let values = (0..self.shape.layers * 2)
             .map(|_| Tensor::<f32>::from_array((dims, Vec::<f32>::new())).map(Tensor::into_dyn))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(InferenceError::runtime)?;
-        Ok(KvCache { values, len: 0 })
+        Ok(Cache { values, len: 0 })
     }
 
     /// Run `tokens` (at positions `cache.len()..`) through the model, extend the cache, and
     /// return the logits of the last token.
-    pub fn forward(&mut self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        if tokens.is_empty() {
-            return Err(InferenceError::InvalidRequest("no tokens to run".into()));
-        }
+    pub fn forward(&mut self, tokens: &[u32], cache: &mut Cache) -> Result<&mut [f32]> {
         let seq = tokens.len();
         let total = cache.len + seq;
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
@@ -123,7 +104,7 @@ impl DecoderModel {
             Vec::with_capacity(3 + cache.values.len());
         inputs.push(("input_ids".into(), tensor_i64(ids)?.into()));
         inputs.push(("attention_mask".into(), tensor_i64(vec![1; total])?.into()));
-        if self.shape.has_position_ids {
+        if self.has_position_ids {
             let positions = (cache.len as i64..total as i64).collect();
             inputs.push(("position_ids".into(), tensor_i64(positions)?.into()));
         }
@@ -132,8 +113,9 @@ impl DecoderModel {
             inputs.push((Cow::Borrowed(name.as_str()), value.into()));
         }
 
-        let mut outputs = self.session.run(inputs).map_err(InferenceError::runtime)?;
-        let logits = {
+        let mut outputs =
+            self.session.run_with_options(inputs, &self.interrupt.0).map_err(InferenceError::runtime)?;
+        {
             let value = outputs
                 .get("logits")
                 .ok_or_else(|| InferenceError::Runtime("the model produced no 'logits' output".into()))?;
@@ -142,8 +124,9 @@ impl DecoderModel {
             if vocab == 0 || data.len() < vocab {
                 return Err(InferenceError::Runtime(format!("unexpected logits shape {shape}")));
             }
-            data[data.len() - vocab..].to_vec()
-        };
+            self.logits.clear();
+            self.logits.extend_from_slice(&data[data.len() - vocab..]);
+        }
         let mut present = Vec::with_capacity(self.present_names.len());
         for name in &self.present_names {
             present.push(
@@ -154,15 +137,14 @@ impl DecoderModel {
         }
         cache.values = present;
         cache.len = total;
-        Ok(logits)
+        Ok(&mut self.logits)
     }
 }
 
 /// Read layers / heads / head size / vocabulary from the graph's metadata, and name whatever is
 /// missing when the graph is not a decoder-with-past export.
-fn discover_shape(session: &Session, files: &ModelFiles) -> Result<ModelShape> {
-    let unsupported =
-        |reason: String| InferenceError::UnsupportedModel { path: files.onnx_path.clone(), reason };
+fn discover_shape(session: &Session, files: &ModelFiles) -> Result<(ModelShape, bool)> {
+    let unsupported = |reason: String| unsupported(files, reason);
     let inputs = session.inputs();
     let input = |name: &str| inputs.iter().find(|o| o.name() == name);
     for required in ["input_ids", "attention_mask"] {
@@ -226,11 +208,5 @@ fn discover_shape(session: &Session, files: &ModelFiles) -> Result<ModelShape> {
         .filter(|d| *d > 0)
         .map(|d| d as usize)
         .ok_or_else(|| unsupported("the logits' vocabulary dimension is not fixed".into()))?;
-    Ok(ModelShape {
-        layers,
-        kv_heads,
-        head_dim,
-        vocab_size,
-        has_position_ids: input("position_ids").is_some(),
-    })
+    Ok((ModelShape { layers, kv_heads, head_dim, vocab_size }, input("position_ids").is_some()))
 }

@@ -1,0 +1,181 @@
+//! The ONNX Runtime session of one decoder model and its KV cache, in either of two graph layouts.
+//!
+//! - [`fused`]: the default model's graph (scripts/model_prep/llama_fused.py, the shape of ONNX
+//!   Runtime's generative-AI builder on CPU): `GroupQueryAttention` with a KV buffer per sequence
+//!   that is bound as both past and present, quantized `MatMulNBits` projections, logits of the last
+//!   position only. Recognized by its `seqlens_k` input.
+//! - [`optimum`]: a Hugging Face Optimum "text-generation-with-past" export (fp32, the cache grows
+//!   by concatenation each step). Recognized by its `attention_mask` input.
+//!
+//! The layout is read from the graph's inputs when the session is created; the scheduler sees only
+//! [`DecoderModel`] and [`KvCache`], so a new layout touches this module alone.
+
+pub mod fused;
+pub mod optimum;
+
+use std::sync::Arc;
+
+use ort::environment::Environment;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{NoSelectedOutputs, RunOptions, Session};
+
+use crate::error::{InferenceError, Result};
+use crate::model_files::ModelFiles;
+
+/// Shape facts discovered from the graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelShape {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+}
+
+/// Which graph layout a model folder holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Fused contrib-op graph with a shared past/present KV buffer.
+    Fused,
+    /// Optimum fp32 export with a concatenating KV cache.
+    Optimum,
+}
+
+impl Layout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fused => "fused",
+            Self::Optimum => "optimum",
+        }
+    }
+}
+
+/// Session options that are settings, not model facts.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// ONNX Runtime intra-op threads for this session.
+    pub intra_threads: usize,
+}
+
+/// A handle that stops a running forward pass (a long prefill) from another thread.
+#[derive(Clone)]
+pub struct Interrupt(Arc<RunOptions<NoSelectedOutputs>>);
+
+impl Interrupt {
+    fn new() -> Result<Self> {
+        Ok(Self(Arc::new(RunOptions::new().map_err(InferenceError::runtime)?)))
+    }
+
+    /// Make the current and every later run of this model fail at once (shutdown).
+    pub fn terminate(&self) {
+        // A failure here only means the run finishes normally; shutdown proceeds either way.
+        let _ = self.0.terminate();
+    }
+}
+
+/// Per-sequence attention cache.
+pub enum KvCache {
+    Fused(fused::Cache),
+    Optimum(optimum::Cache),
+}
+
+impl KvCache {
+    /// Number of positions cached (prompt + generated so far).
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Fused(c) => c.len(),
+            Self::Optimum(c) => c.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An ONNX Runtime session for one decoder, owned by one worker thread.
+pub enum DecoderModel {
+    Fused(fused::FusedModel),
+    Optimum(optimum::OptimumModel),
+}
+
+impl DecoderModel {
+    /// Create the session, tell the layout from its inputs, and check it has everything that
+    /// layout needs; a graph that is neither gets an error saying what was expected.
+    pub fn load(env: &Environment, files: &ModelFiles, options: &SessionOptions) -> Result<Self> {
+        let path = files.onnx_path.clone();
+        let session = Session::builder(env)
+            .map_err(InferenceError::runtime)?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(InferenceError::runtime)?
+            .with_intra_threads(options.intra_threads.max(1))
+            .map_err(InferenceError::runtime)?
+            .commit_from_file(&path)
+            .map_err(|e| InferenceError::UnsupportedModel { path: path.clone(), reason: e.to_string() })?;
+        let interrupt = Interrupt::new()?;
+        let has_input = |name: &str| session.inputs().iter().any(|i| i.name() == name);
+        if has_input("seqlens_k") {
+            fused::FusedModel::new(session, files, interrupt).map(Self::Fused)
+        } else if has_input("attention_mask") {
+            optimum::OptimumModel::new(session, files, interrupt).map(Self::Optimum)
+        } else {
+            Err(InferenceError::UnsupportedModel {
+                path,
+                reason: "expected a decoder with a KV cache in one of two layouts: the fused layout \
+                         (inputs input_ids, seqlens_k, total_sequence_length, past_key_values.{i}.key/value) \
+                         or an Optimum text-generation-with-past export (inputs input_ids, attention_mask, \
+                         past_key_values.{i}.key/value)"
+                    .into(),
+            })
+        }
+    }
+
+    pub fn layout(&self) -> Layout {
+        match self {
+            Self::Fused(_) => Layout::Fused,
+            Self::Optimum(_) => Layout::Optimum,
+        }
+    }
+
+    pub fn shape(&self) -> &ModelShape {
+        match self {
+            Self::Fused(m) => m.shape(),
+            Self::Optimum(m) => m.shape(),
+        }
+    }
+
+    /// The handle that interrupts this model's runs.
+    pub fn interrupt(&self) -> Interrupt {
+        match self {
+            Self::Fused(m) => m.interrupt(),
+            Self::Optimum(m) => m.interrupt(),
+        }
+    }
+
+    /// A cache for a sequence that will hold at most `capacity` positions. The fused layout
+    /// reserves them now (untouched memory costs nothing until written); the Optimum layout grows.
+    pub fn new_cache(&mut self, capacity: usize) -> Result<KvCache> {
+        match self {
+            Self::Fused(m) => m.new_cache(capacity).map(KvCache::Fused),
+            Self::Optimum(m) => m.empty_cache().map(KvCache::Optimum),
+        }
+    }
+
+    /// Run `tokens` (at positions `cache.len()..`) through the model, extend the cache, and return
+    /// the logits of the last token. The slice is the model's own output buffer, valid until the
+    /// next call; the sampler may modify it in place.
+    pub fn forward(&mut self, tokens: &[u32], cache: &mut KvCache) -> Result<&mut [f32]> {
+        if tokens.is_empty() {
+            return Err(InferenceError::InvalidRequest("no tokens to run".into()));
+        }
+        match (self, cache) {
+            (Self::Fused(m), KvCache::Fused(c)) => m.forward(tokens, c),
+            (Self::Optimum(m), KvCache::Optimum(c)) => m.forward(tokens, c),
+            _ => Err(InferenceError::Runtime("a KV cache was used with a model of another layout".into())),
+        }
+    }
+}
+
+/// The error for a graph that has the layout's marker input but not the rest of it.
+pub(crate) fn unsupported(files: &ModelFiles, reason: String) -> InferenceError {
+    InferenceError::UnsupportedModel { path: files.onnx_path.clone(), reason }
+}

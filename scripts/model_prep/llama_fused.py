@@ -1,0 +1,292 @@
+"""Build a LLaMA-family decoder as one fused, quantized ONNX graph for ONNX Runtime's CPU provider.
+
+The shape is the one ONNX Runtime's generative-AI model builder emits for Llama on CPU, built from
+the GGUF's own quantized blocks (no re-quantization):
+
+    SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization   (residual adds fused)
+    MatMulNBits                                                       (every projection, lm_head too)
+    GroupQueryAttention(do_rotary=1, rotary_interleaved=1)            (rotary fused, KV in one buffer)
+    GatherBlockQuantized                                              (the 8-bit embedding lookup)
+
+Inputs and outputs (the "shared-buffer" layout the Rust engine recognizes by `seqlens_k`):
+
+    input_ids               int64 [batch, seq]
+    seqlens_k               int32 [batch]        (positions cached after this run) - 1, per row
+    total_sequence_length   int32 []             max over rows of seqlens_k + 1
+    past_key_values.{i}.key / .value   float32 [batch, kv_heads, max_len, head_dim]
+    -> logits               float32 [batch, 1, vocab]       (last position of each row only)
+    -> present.{i}.key / .value        float32 [batch, kv_heads, max_len, head_dim]
+
+`present.*` are meant to be bound to the very buffers passed as `past_key_values.*`
+(GroupQueryAttention then writes the new positions in place: nothing is copied per token).
+
+Weights. A GGUF Q4_1 block of 32 weights along K is `w = d*q + m` (q in 0..15). MatMulNBits with
+bits=4 computes `d*(q - z)` with an integer zero point z; choosing z = round(-m/d) leaves a per-block
+residual `r = m + d*z` (|r| <= d/2 when the block straddles 0), whose contribution to `x @ W^T` is
+`blocksum(x) @ R` with `blocksum` summing x over each block of 32. `--q4-residual exact` adds that
+term (a small fp32 MatMul per projection input), which makes the graph equal to the dequantized GGUF
+up to rounding; `--q4-residual none` drops it (faster, less faithful). Q8_0 blocks (`w = d*q`, q
+int8) are exactly MatMulNBits bits=8 with zero point 128.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from llama_onnx import LlamaConfig
+
+OPSET = 17
+MS = "com.microsoft"
+BLOCK = 32
+
+
+@dataclass
+class QuantWeight:
+    """A [N, K] matrix as MatMulNBits blocks along K: `w[n, b*32 + j] = scale[n, b] * (q - zp[n, b]) + resid[n, b]`."""
+
+    bits: int
+    q: np.ndarray  # uint8 [N, K] (values 0..15 for 4 bits, 0..255 for 8 bits)
+    scale: np.ndarray  # float32 [N, K/32]
+    zp: np.ndarray  # uint8 [N, K/32]
+    resid: np.ndarray | None  # float32 [N, K/32] or None when exact without it
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+    def dequantize(self) -> np.ndarray:
+        n, k = self.q.shape
+        w = (self.q.reshape(n, k // BLOCK, BLOCK).astype(np.float32) - self.zp[..., None]) * self.scale[..., None]
+        if self.resid is not None:
+            w += self.resid[..., None]
+        return w.reshape(n, k)
+
+
+# ---- reading GGUF blocks -------------------------------------------------------------------------
+
+def q4_1_blocks(raw: np.ndarray, n: int, k: int) -> QuantWeight:
+    """GGUF Q4_1 rows ([N, K/32 * 20] bytes: f16 d, f16 m, 16 bytes of nibbles) to a QuantWeight."""
+    blocks = raw.reshape(n, k // BLOCK, 20)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., 4:20]
+    # Element j of a block is the low nibble of qs[j], element j + 16 the high nibble.
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k)
+    return with_integer_zero_point(q, d, m)
+
+
+def with_integer_zero_point(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> QuantWeight:
+    """`d*q + m` as `d*(q - z) + r` with z = round(-m/d) in 0..15 and r = m + d*z."""
+    safe_d = np.where(d == 0, 1.0, d)
+    z = np.clip(np.rint(-m / safe_d), 0, 15).astype(np.uint8)
+    resid = (m + d * z.astype(np.float32)).astype(np.float32)
+    return QuantWeight(bits=4, q=q.astype(np.uint8), scale=d, zp=z, resid=resid)
+
+
+def q8_0_blocks(raw: np.ndarray, n: int, k: int) -> QuantWeight:
+    """GGUF Q8_0 rows ([N, K/32 * 34] bytes: f16 d, 32 int8) to a QuantWeight (zero point 128, exact)."""
+    blocks = raw.reshape(n, k // BLOCK, 34)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = (blocks[..., 2:34].copy().view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(n, k)
+    return QuantWeight(bits=8, q=q, scale=d, zp=np.full(d.shape, 128, np.uint8), resid=None)
+
+
+def quantize_q4_1(w: np.ndarray) -> QuantWeight:
+    """Round-to-nearest Q4_1 of an fp32 [N, K] matrix (for test models that start in fp32)."""
+    n, k = w.shape
+    b = w.reshape(n, k // BLOCK, BLOCK).astype(np.float32)
+    lo, hi = b.min(-1), b.max(-1)
+    d = ((hi - lo) / 15).astype(np.float16).astype(np.float32)
+    m = lo.astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint((b - m[..., None]) / np.where(d == 0, 1, d)[..., None]), 0, 15).astype(np.uint8)
+    return with_integer_zero_point(q.reshape(n, k), d, m)
+
+
+def quantize_q8_0(w: np.ndarray) -> QuantWeight:
+    """Round-to-nearest Q8_0 of an fp32 [N, K] matrix (for test models that start in fp32)."""
+    n, k = w.shape
+    b = w.reshape(n, k // BLOCK, BLOCK).astype(np.float32)
+    d = (np.abs(b).max(-1) / 127).astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint(b / np.where(d == 0, 1, d)[..., None]), -127, 127).astype(np.int16) + 128
+    return QuantWeight(bits=8, q=q.astype(np.uint8).reshape(n, k), scale=d,
+                       zp=np.full(d.shape, 128, np.uint8), resid=None)
+
+
+def concat_rows(parts: list[QuantWeight]) -> QuantWeight:
+    """Stack projections that read the same input (q, k, v) into one [sum N, K] weight."""
+    resid = [p.resid for p in parts]
+    return QuantWeight(
+        bits=parts[0].bits,
+        q=np.concatenate([p.q for p in parts]),
+        scale=np.concatenate([p.scale for p in parts]),
+        zp=np.concatenate([p.zp for p in parts]),
+        resid=None if all(r is None for r in resid) else np.concatenate(
+            [r if r is not None else np.zeros_like(p.scale) for r, p in zip(resid, parts)]),
+    )
+
+
+# ---- graph ---------------------------------------------------------------------------------------
+
+class _Graph:
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], outputs: list[str] | None = None, n_out: int = 1,
+           domain: str = "", hint: str | None = None, **attrs) -> str | list[str]:
+        if outputs is None:
+            outputs = [self.name(hint or op_type) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.name(op_type), domain=domain, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """[N, K] codes to MatMulNBits' B: uint8 [N, K/32, 32*bits/8], element 2i in the low nibble."""
+    n, k = q.shape
+    if bits == 8:
+        return q.reshape(n, k // BLOCK, BLOCK)
+    pairs = q.reshape(n, k // BLOCK, BLOCK // 2, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+
+
+def _pack_zero_points(zp: np.ndarray, bits: int) -> np.ndarray:
+    n, blocks = zp.shape
+    if bits == 8:
+        return zp.reshape(-1)
+    if blocks % 2:
+        zp = np.concatenate([zp, np.zeros((n, 1), np.uint8)], axis=1)
+    pairs = zp.reshape(n, -1, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8).reshape(-1)
+
+
+class _Builder:
+    def __init__(self, cfg: LlamaConfig, accuracy_level: int, exact_q4: bool) -> None:
+        self.g = _Graph()
+        self.cfg = cfg
+        self.accuracy_level = accuracy_level
+        self.exact_q4 = exact_q4
+        self._blocksums: dict[str, str] = {}
+
+    def matmul(self, x: str, w: QuantWeight, name: str) -> str:
+        """`x @ W^T` with MatMulNBits, plus the per-block residual term when it is kept."""
+        g = self.g
+        n, k = w.shape
+        y = g.op("MatMulNBits", [
+            x,
+            g.const(f"{name}.qweight", _pack(w.q, w.bits)),
+            g.const(f"{name}.scales", w.scale.reshape(-1).astype(np.float32)),
+            g.const(f"{name}.zero_points", _pack_zero_points(w.zp, w.bits)),
+        ], domain=MS, hint=name, K=k, N=n, bits=w.bits, block_size=BLOCK, accuracy_level=self.accuracy_level)
+        if w.resid is None or not self.exact_q4:
+            return y
+        correction = g.op("MatMul", [self.blocksum(x, k), g.const(f"{name}.block_residuals", w.resid.T.copy())])
+        return g.op("Add", [y, correction], hint=f"{name}.out")
+
+    def blocksum(self, x: str, k: int) -> str:
+        """x [B, S, K] summed over each block of 32 along K -> [B, S, K/32]; computed once per input."""
+        if x not in self._blocksums:
+            g = self.g
+            blocks = g.op("Reshape", [x, g.const(g.name("shape_blocks"), np.array([0, 0, k // BLOCK, BLOCK],
+                                                                                   np.int64))])
+            self._blocksums[x] = g.op("ReduceSum", [blocks, g.const(g.name("axis"), np.array([-1], np.int64))],
+                                      keepdims=0)
+        return self._blocksums[x]
+
+
+def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: int = 4,
+                      exact_q4: bool = True) -> onnx.ModelProto:
+    """`w` holds QuantWeight (embed, lm_head, layers.{i}.{q,k,v,o,gate,up,down}; [out, in]) and fp32
+    norm vectors (final_norm, layers.{i}.{attn_norm,ffn_norm}). `lm_head` may be absent (tied)."""
+    if cfg.head_dim % 16:
+        raise ValueError("GroupQueryAttention's fused rotary needs head_dim to be a multiple of 16")
+    if cfg.hidden_size % BLOCK or cfg.intermediate_size % BLOCK:
+        raise ValueError("hidden and intermediate sizes must be multiples of 32")
+    b = _Builder(cfg, accuracy_level, exact_q4)
+    g = b.g
+    eps = cfg.rms_eps
+    hd = cfg.head_dim
+
+    embed: QuantWeight = w["embed"]
+    if embed.bits != 8 or embed.resid is not None:
+        raise ValueError("the embedding must be 8-bit blocks (Q8_0)")
+    x = g.op("GatherBlockQuantized", [
+        g.const("model.embed_tokens.qweight", embed.q),
+        "input_ids",
+        g.const("model.embed_tokens.scales", embed.scale),
+        g.const("model.embed_tokens.zero_points", embed.zp),
+    ], domain=MS, hint="embeddings", gather_axis=0, quantize_axis=1, block_size=BLOCK, bits=8)
+
+    # Rotary tables [max_positions, head_dim/2], rows are positions.
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    angles = np.outer(np.arange(cfg.max_position_embeddings, dtype=np.float64), inv_freq)
+    cos = g.const("cos_cache", np.cos(angles).astype(np.float32))
+    sin = g.const("sin_cache", np.sin(angles).astype(np.float32))
+
+    past_inputs, present_outputs = [], []
+    h = g.op("SimplifiedLayerNormalization", [x, g.const("layers.0.attn_norm", w["layers.0.attn_norm"])],
+             axis=-1, epsilon=eps, stash_type=1)
+    residual = x
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}"
+        qkv = b.matmul(h, concat_rows([w[f"{p}.q"], w[f"{p}.k"], w[f"{p}.v"]]), f"{p}.qkv_proj")
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
+        past_inputs += [past_k, past_v]
+        present_outputs += [pres_k, pres_v]
+        attn = g.name(f"{p}.attn")
+        g.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin],
+             outputs=[attn, pres_k, pres_v], domain=MS, num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads,
+             scale=float(1.0 / np.sqrt(hd)), do_rotary=1, rotary_interleaved=1, local_window_size=-1)
+        o = b.matmul(attn, w[f"{p}.o"], f"{p}.o_proj")
+        h, _, _, residual = g.op("SkipSimplifiedLayerNormalization",
+                                 [o, residual, g.const(f"{p}.ffn_norm", w[f"{p}.ffn_norm"])],
+                                 n_out=4, domain=MS, epsilon=eps)
+        gate = b.matmul(h, w[f"{p}.gate"], f"{p}.gate_proj")
+        up = b.matmul(h, w[f"{p}.up"], f"{p}.up_proj")
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+        down = b.matmul(act, w[f"{p}.down"], f"{p}.down_proj")
+        norm = w[f"layers.{i + 1}.attn_norm"] if i + 1 < cfg.num_layers else w["final_norm"]
+        norm_name = f"layers.{i + 1}.attn_norm" if i + 1 < cfg.num_layers else "final_norm"
+        h, _, _, residual = g.op("SkipSimplifiedLayerNormalization",
+                                 [down, residual, g.const(norm_name, norm)], n_out=4, domain=MS, epsilon=eps)
+
+    # Only the last position's logits: generation never reads the others.
+    last = g.op("Slice", [h, g.const("slice_last_start", np.array([-1], np.int64)),
+                          g.const("slice_last_end", np.array([np.iinfo(np.int64).max], np.int64)),
+                          g.const("slice_axis_1", np.array([1], np.int64))])
+    head = w.get("lm_head", embed)
+    g.op("MatMulNBits", [
+        last,
+        g.const("lm_head.qweight", _pack(head.q, head.bits)),
+        g.const("lm_head.scales", head.scale.reshape(-1).astype(np.float32)),
+        g.const("lm_head.zero_points", _pack_zero_points(head.zp, head.bits)),
+    ], outputs=["logits"], domain=MS, K=cfg.hidden_size, N=cfg.vocab_size, bits=head.bits, block_size=BLOCK,
+        accuracy_level=accuracy_level)
+
+    f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+    kv_shape = ["batch_size", cfg.num_kv_heads, "max_sequence_length", hd]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("seqlens_k", i32, ["batch_size"]),
+        helper.make_tensor_value_info("total_sequence_length", i32, []),
+    ] + [helper.make_tensor_value_info(n, f32, kv_shape) for n in past_inputs]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", 1, cfg.vocab_size])] + [
+        helper.make_tensor_value_info(n, f32, kv_shape) for n in present_outputs]
+    graph = helper.make_graph(g.nodes, "llama_fused_decoder", inputs, outputs, initializer=g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name=producer)
+    model.ir_version = 8
+    return model
