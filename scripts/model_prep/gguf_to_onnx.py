@@ -30,6 +30,9 @@ from llama_fused import build_fused_model, q4_1_blocks, q8_0_blocks  # noqa: E40
 from llama_onnx import LlamaConfig, build_model  # noqa: E402
 
 GGUF_CONTROL_TOKEN = 3
+# Our names for a layer's tensors -> GGUF's (blk.{i}.NAME.weight).
+LAYER_TENSORS = {"attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
+                 "ffn_norm": "ffn_norm", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
 
 
 def field(reader: GGUFReader, key: str):
@@ -74,10 +77,6 @@ def read_weights(reader: GGUFReader, cfg: LlamaConfig) -> dict[str, np.ndarray]:
     if raw:
         raise SystemExit(f"unexpected GGUF tensors: {sorted(raw)[:5]}")
     return w
-
-
-LAYER_TENSORS = {"attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
-                 "ffn_norm": "ffn_norm", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
 
 
 def read_blocks(reader: GGUFReader, cfg: LlamaConfig) -> dict:
@@ -136,6 +135,10 @@ def main() -> None:
                     help="MatMulNBits accuracy_level for the fused layout: 4 = int8 activations, 1 = fp32")
     ap.add_argument("--q4-residual", choices=["exact", "none"], default="exact",
                     help="keep Q4_1's per-block residual (exact) or drop it (fused layout)")
+    ap.add_argument("--bits", type=int, choices=[4, 8], default=4,
+                    help="fused layout: 4 = the GGUF's 4-bit blocks plus residual, 8 = re-encoded as 8-bit codes")
+    ap.add_argument("--rescore-top", type=int, default=16,
+                    help="fused layout: re-score the lm_head's best N candidates in fp32 (0: off)")
     args = ap.parse_args()
 
     reader = GGUFReader(str(args.gguf))
@@ -147,7 +150,8 @@ def main() -> None:
     if args.layout == "fused":
         weights = read_blocks(reader, cfg)
         model = build_fused_model(cfg, weights, producer="streamgate gguf_to_onnx (fused)",
-                                  accuracy_level=args.accuracy_level, exact_q4=args.q4_residual == "exact")
+                                  accuracy_level=args.accuracy_level, exact_q4=args.q4_residual == "exact",
+                                  bits=args.bits, rescore_top=args.rescore_top)
     else:
         weights = read_weights(reader, cfg)
         model = build_model(cfg, weights, producer="streamgate gguf_to_onnx")

@@ -116,6 +116,37 @@ def quantize_q8_0(w: np.ndarray) -> QuantWeight:
                        zp=np.full(d.shape, 128, np.uint8), resid=None)
 
 
+def as_8bit(w: QuantWeight) -> QuantWeight:
+    """Re-encode `d*(q - z) + r` blocks as 8-bit codes without a residual: `(d/k)*(k*(q - z) + c - z8)`
+    with the integer k in 1..17 per block that best represents `r*k/d` as an integer c. The error,
+    `(d/k)*|r*k/d - c|`, is at most d/(2k) and usually far smaller."""
+    if w.bits != 4 or w.resid is None:
+        return w
+    d, r = w.scale, w.resid
+    safe_d = np.where(d == 0, 1.0, d)
+    signed = w.q.reshape(*d.shape, BLOCK).astype(np.int32) - w.zp[..., None].astype(np.int32)  # -15..15
+    lo, hi = signed.min(-1), signed.max(-1)
+    best_err = np.full(d.shape, np.inf, np.float32)
+    best_k = np.ones(d.shape, np.int32)
+    best_c = np.zeros(d.shape, np.int32)
+    for k in range(1, 18):
+        c = np.rint(r * k / safe_d).astype(np.int32)
+        err = np.abs(r * k / safe_d - c) * d / k
+        fits = (k * (hi - lo) <= 255)
+        better = fits & (err < best_err)
+        best_err = np.where(better, err, best_err)
+        best_k = np.where(better, k, best_k)
+        best_c = np.where(better, c, best_c)
+    codes = best_k[..., None] * signed + best_c[..., None]  # w ~= (d/k) * codes
+    zp = np.clip(-codes.min(-1), 0, 255)
+    zp = np.where(codes.max(-1) + zp > 255, 255 - codes.max(-1), zp)
+    q8 = codes + zp[..., None]
+    if q8.min() < 0 or q8.max() > 255:
+        raise ValueError("a block does not fit 8 bits")
+    return QuantWeight(bits=8, q=q8.reshape(w.q.shape).astype(np.uint8), scale=(d / best_k).astype(np.float32),
+                       zp=zp.astype(np.uint8), resid=None)
+
+
 def concat_rows(parts: list[QuantWeight]) -> QuantWeight:
     """Stack projections that read the same input (q, k, v) into one [sum N, K] weight."""
     resid = [p.resid for p in parts]
@@ -173,7 +204,8 @@ def _pack_zero_points(zp: np.ndarray, bits: int) -> np.ndarray:
 
 
 class _Builder:
-    def __init__(self, cfg: LlamaConfig, accuracy_level: int, exact_q4: bool) -> None:
+    def __init__(self, cfg: LlamaConfig, accuracy_level: int, exact_q4: bool, bits: int = 4) -> None:
+        self.bits = bits
         self.g = _Graph()
         self.cfg = cfg
         self.accuracy_level = accuracy_level
@@ -183,6 +215,8 @@ class _Builder:
     def matmul(self, x: str, w: QuantWeight, name: str) -> str:
         """`x @ W^T` with MatMulNBits, plus the per-block residual term when it is kept."""
         g = self.g
+        if self.bits == 8:
+            w = as_8bit(w)
         n, k = w.shape
         y = g.op("MatMulNBits", [
             x,
@@ -207,14 +241,19 @@ class _Builder:
 
 
 def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: int = 4,
-                      exact_q4: bool = True) -> onnx.ModelProto:
+                      exact_q4: bool = True, bits: int = 4, rescore_top: int = 16) -> onnx.ModelProto:
     """`w` holds QuantWeight (embed, lm_head, layers.{i}.{q,k,v,o,gate,up,down}; [out, in]) and fp32
-    norm vectors (final_norm, layers.{i}.{attn_norm,ffn_norm}). `lm_head` may be absent (tied)."""
+    norm vectors (final_norm, layers.{i}.{attn_norm,ffn_norm}). `lm_head` may be absent (tied).
+
+    accuracy_level: MatMulNBits' 4 (int8 activations, the fast kernels) or 1 (fp32 activations).
+    exact_q4: keep Q4_1's per-block residual (see the module docstring). bits=8 re-encodes the 4-bit
+    blocks as 8-bit codes instead (no residual term; see `as_8bit`). rescore_top: how many of the
+    lm_head's best candidates are re-scored in fp32 (0: none)."""
     if cfg.head_dim % 16:
         raise ValueError("GroupQueryAttention's fused rotary needs head_dim to be a multiple of 16")
     if cfg.hidden_size % BLOCK or cfg.intermediate_size % BLOCK:
         raise ValueError("hidden and intermediate sizes must be multiples of 32")
-    b = _Builder(cfg, accuracy_level, exact_q4)
+    b = _Builder(cfg, accuracy_level, exact_q4, bits)
     g = b.g
     eps = cfg.rms_eps
     hd = cfg.head_dim
@@ -222,12 +261,10 @@ def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: 
     embed: QuantWeight = w["embed"]
     if embed.bits != 8 or embed.resid is not None:
         raise ValueError("the embedding must be 8-bit blocks (Q8_0)")
-    x = g.op("GatherBlockQuantized", [
-        g.const("model.embed_tokens.qweight", embed.q),
-        "input_ids",
-        g.const("model.embed_tokens.scales", embed.scale),
-        g.const("model.embed_tokens.zero_points", embed.zp),
-    ], domain=MS, hint="embeddings", gather_axis=0, quantize_axis=1, block_size=BLOCK, bits=8)
+    embed_inputs = (g.const("model.embed_tokens.qweight", embed.q), g.const("model.embed_tokens.scales", embed.scale),
+                    g.const("model.embed_tokens.zero_points", embed.zp))
+    x = g.op("GatherBlockQuantized", [embed_inputs[0], "input_ids", *embed_inputs[1:]], domain=MS, hint="embeddings",
+             gather_axis=0, quantize_axis=1, block_size=BLOCK, bits=8)
 
     # Rotary tables [max_positions, head_dim/2], rows are positions.
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
@@ -235,6 +272,7 @@ def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: 
     cos = g.const("cos_cache", np.cos(angles).astype(np.float32))
     sin = g.const("sin_cache", np.sin(angles).astype(np.float32))
 
+    split_gate_up = g.const("split_gate_up", np.array([cfg.intermediate_size] * 2, np.int64))
     past_inputs, present_outputs = [], []
     h = g.op("SimplifiedLayerNormalization", [x, g.const("layers.0.attn_norm", w["layers.0.attn_norm"])],
              axis=-1, epsilon=eps, stash_type=1)
@@ -254,8 +292,9 @@ def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: 
         h, _, _, residual = g.op("SkipSimplifiedLayerNormalization",
                                  [o, residual, g.const(f"{p}.ffn_norm", w[f"{p}.ffn_norm"])],
                                  n_out=4, domain=MS, epsilon=eps)
-        gate = b.matmul(h, w[f"{p}.gate"], f"{p}.gate_proj")
-        up = b.matmul(h, w[f"{p}.up"], f"{p}.up_proj")
+        # gate and up read the same input: one MatMulNBits (one residual term), then a split.
+        gate_up = b.matmul(h, concat_rows([w[f"{p}.gate"], w[f"{p}.up"]]), f"{p}.gate_up_proj")
+        gate, up = g.op("Split", [gate_up, split_gate_up], n_out=2, axis=-1)
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
         down = b.matmul(act, w[f"{p}.down"], f"{p}.down_proj")
         norm = w[f"layers.{i + 1}.attn_norm"] if i + 1 < cfg.num_layers else w["final_norm"]
@@ -267,14 +306,30 @@ def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: 
     last = g.op("Slice", [h, g.const("slice_last_start", np.array([-1], np.int64)),
                           g.const("slice_last_end", np.array([np.iinfo(np.int64).max], np.int64)),
                           g.const("slice_axis_1", np.array([1], np.int64))])
+    # lm_head: MatMulNBits over the 8-bit rows (the tied embedding's Q8_0 blocks, as stored).
     head = w.get("lm_head", embed)
-    g.op("MatMulNBits", [
+    approx = g.op("MatMulNBits", [
         last,
         g.const("lm_head.qweight", _pack(head.q, head.bits)),
         g.const("lm_head.scales", head.scale.reshape(-1).astype(np.float32)),
         g.const("lm_head.zero_points", _pack_zero_points(head.zp, head.bits)),
-    ], outputs=["logits"], domain=MS, K=cfg.hidden_size, N=cfg.vocab_size, bits=head.bits, block_size=BLOCK,
-        accuracy_level=accuracy_level)
+    ], outputs=["logits" if not rescore_top else "logits_int8"], domain=MS, K=cfg.hidden_size, N=cfg.vocab_size,
+        bits=head.bits, block_size=BLOCK, accuracy_level=accuracy_level)
+    if rescore_top:
+        # int8 activations can swap near-tied candidates. Re-score the top few in fp32 against their
+        # exactly dequantized rows (GatherBlockQuantized), so the ranking at the top is the fp32 one.
+        if head is embed:
+            rows, scales, zero_points = embed_inputs
+        else:
+            rows, scales, zero_points = (g.const("lm_head.rows", head.q), g.const("lm_head.row_scales", head.scale),
+                                         g.const("lm_head.row_zero_points", head.zp))
+        _, top = g.op("TopK", [approx, g.const("rescore_k", np.array([rescore_top], np.int64))], n_out=2,
+                      axis=-1, largest=1, sorted=0)  # [B, 1, k]
+        candidates = g.op("GatherBlockQuantized", [rows, top, scales, zero_points], domain=MS, gather_axis=0,
+                          quantize_axis=1, block_size=BLOCK, bits=8)  # [B, 1, k, H]
+        minus_one = g.const("axis_last", np.array([-1], np.int64))
+        exact = g.op("MatMul", [candidates, g.op("Unsqueeze", [last, minus_one])])  # [B, 1, k, 1]
+        g.op("ScatterElements", [approx, top, g.op("Squeeze", [exact, minus_one])], outputs=["logits"], axis=-1)
 
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     kv_shape = ["batch_size", cfg.num_kv_heads, "max_sequence_length", hd]

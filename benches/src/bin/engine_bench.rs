@@ -1,6 +1,9 @@
 //! Single-stream engine benchmark: time to first token and decode tokens/s through the real
-//! `OnnxEngine` (queue, worker, sampler, detokenizer), greedy, for a given model and prompt.
-//! Prints one JSON object per run to stdout (make bench-engine tabulates them beside the Python loop).
+//! `OnnxEngine` (queue, worker, sampler, detokenizer), greedy, for a given model and prompt; with
+//! `--long-prompt-file`, also prompt-processing tokens/s and decode tokens/s at that prompt's
+//! position (about 2,000 tokens by default), and the process's resident memory.
+//! Prints one JSON object per run to stdout (make bench-engine tabulates them beside llama.cpp
+//! and the Python loop).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,6 +11,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use futures_util::StreamExt;
+use streamgate_inference::model_files::ModelFiles;
+use streamgate_inference::tokenizer::TextTokenizer;
 use streamgate_inference::{
     EngineConfig, GenerationEvent, GenerationRequest, Generator, OnnxEngine, SamplingParams,
 };
@@ -29,6 +34,68 @@ struct Args {
     runs: usize,
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// A text whose first `--long-prompt-tokens` tokens (repeated if short) make a long prompt.
+    #[arg(long)]
+    long_prompt_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 2000)]
+    long_prompt_tokens: usize,
+}
+
+/// One greedy generation: (time to first token, decode tokens/s after it, tokens).
+async fn measure(
+    engine: &OnnxEngine,
+    prompt: &str,
+    max_tokens: usize,
+) -> Result<(f64, f64, usize), AnyError> {
+    let request = GenerationRequest {
+        prompt: prompt.to_owned(),
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+    };
+    let started = Instant::now();
+    let mut stream = engine.generate(request).await?;
+    let (mut first, mut last, mut tokens) = (None, started, 0usize);
+    while let Some(event) = stream.next().await {
+        if let GenerationEvent::Token { .. } = event? {
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = now;
+            tokens += 1;
+        }
+    }
+    let first = first.unwrap_or(last);
+    let decode_s = (last - first).as_secs_f64();
+    let decode = if decode_s > 0.0 { (tokens.saturating_sub(1)) as f64 / decode_s } else { 0.0 };
+    Ok(((first - started).as_secs_f64(), decode, tokens))
+}
+
+/// The first `n` tokens of a text (repeated until long enough), as text again.
+fn long_prompt(model: &PathBuf, file: &PathBuf, n: usize) -> Result<(String, usize), AnyError> {
+    let tokenizer = TextTokenizer::from_file(&ModelFiles::read(model)?.tokenizer_path)?;
+    let text = std::fs::read_to_string(file)?;
+    let mut ids = tokenizer.encode(&text)?;
+    while ids.len() < n && !ids.is_empty() {
+        ids.extend_from_within(..);
+    }
+    ids.truncate(n);
+    let prompt = tokenizer.decode(&ids)?;
+    let count = tokenizer.encode(&prompt)?.len();
+    Ok((prompt, count))
+}
+
+/// Resident and peak resident memory of this process, in MiB (Linux; zeros elsewhere).
+fn memory_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }
 
 type AnyError = Box<dyn std::error::Error + Send + Sync>;
@@ -41,40 +108,33 @@ fn main() -> Result<(), AnyError> {
         intra_threads: args.threads,
         max_active: 1,
         queue_capacity: 1,
+        prefill_chunk: streamgate_inference::DEFAULT_PREFILL_CHUNK,
     })?;
+    let (loaded_rss, _) = memory_mib();
+    let long = match &args.long_prompt_file {
+        Some(file) => Some(long_prompt(&args.model, file, args.long_prompt_tokens)?),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut out = std::io::stdout().lock();
     // One warm-up run (ORT allocates its arenas on first use), then the measured ones.
-    for run in 0..=args.runs {
-        let request = GenerationRequest {
-            prompt: args.prompt.clone(),
-            max_tokens: args.tokens,
-            sampling: SamplingParams::default(),
-            stop: vec![],
-        };
-        let (ttft, decode_s, tokens) = runtime.block_on(async {
-            let started = Instant::now();
-            let mut stream = engine.generate(request).await?;
-            let (mut first, mut last, mut tokens) = (None, started, 0usize);
-            while let Some(event) = stream.next().await {
-                if let GenerationEvent::Token { .. } = event? {
-                    let now = Instant::now();
-                    first.get_or_insert(now);
-                    last = now;
-                    tokens += 1;
-                }
-            }
-            let first = first.unwrap_or(last);
-            Ok::<_, AnyError>((first - started, (last - first).as_secs_f64(), tokens))
-        })?;
-        if run == 0 {
-            continue;
-        }
-        let record = serde_json::json!({
+    runtime.block_on(measure(&engine, &args.prompt, 4))?;
+    for run in 1..=args.runs {
+        let (ttft, decode, tokens) = runtime.block_on(measure(&engine, &args.prompt, args.tokens))?;
+        let mut record = serde_json::json!({
             "impl": "rust", "model": args.model.display().to_string(), "run": run,
-            "ttft_ms": ttft.as_secs_f64() * 1e3, "tokens": tokens,
-            "decode_tok_s": if decode_s > 0.0 { (tokens - 1) as f64 / decode_s } else { 0.0 },
+            "ttft_ms": ttft * 1e3, "tokens": tokens, "decode_tok_s": decode,
         });
+        if let Some((prompt, count)) = &long {
+            let (long_ttft, long_decode, _) = runtime.block_on(measure(&engine, prompt, 64))?;
+            let (rss, peak) = memory_mib();
+            record["long_prompt_tokens"] = (*count).into();
+            record["prefill_tok_s"] = (*count as f64 / long_ttft).into();
+            record["long_decode_tok_s"] = long_decode.into();
+            record["rss_loaded_mib"] = loaded_rss.into();
+            record["rss_mib"] = rss.into();
+            record["rss_peak_mib"] = peak.into();
+        }
         writeln!(out, "{record}")?;
     }
     Ok(())

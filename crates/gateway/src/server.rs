@@ -39,12 +39,13 @@ pub fn load_models(settings: &Settings, logger: &Logger) -> Result<ModelRegistry
             intra_threads: settings.intra_threads_or_cores(),
             max_active: settings.max_active_sequences,
             queue_capacity: settings.queue_capacity,
+            prefill_chunk: settings.prefill_chunk,
         })
         .map_err(|e| format!("model version {}: {e}", spec.version))?;
         let info = engine.info();
         info!(logger, "model loaded";
             "version" => &spec.version, "name" => &info.name, "path" => info.path.display().to_string(),
-            "context_length" => info.context_length, "vocab_size" => info.vocab_size,
+            "context_length" => info.context_length, "vocab_size" => info.vocab_size, "layout" => info.layout,
             "load_ms" => started.elapsed().as_millis() as u64);
         registry.insert(spec.version.clone(), Arc::new(engine) as Arc<dyn Generator>);
     }

@@ -119,6 +119,11 @@ pub struct Settings {
     #[arg(long, env = "STREAMGATE_QUEUE_CAPACITY", default_value_t = 16)]
     pub queue_capacity: usize,
 
+    /// Prompt tokens per forward pass: a longer prompt is processed in chunks, between which the
+    /// other streams take their decode steps.
+    #[arg(long, env = "STREAMGATE_PREFILL_CHUNK", default_value_t = streamgate_inference::DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
+
     /// Browser origins allowed by CORS, exactly (comma-separated), e.g. https://app.example.com.
     #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
@@ -249,6 +254,9 @@ impl Settings {
         }
         if self.queue_capacity == 0 {
             return fail("--queue-capacity / STREAMGATE_QUEUE_CAPACITY", "must be at least 1".into());
+        }
+        if self.prefill_chunk == 0 || self.prefill_chunk > 8192 {
+            return fail("--prefill-chunk / STREAMGATE_PREFILL_CHUNK", "must be 1..=8192".into());
         }
         if self.max_tokens_limit == 0 {
             return fail("--max-tokens-limit / STREAMGATE_MAX_TOKENS_LIMIT", "must be at least 1".into());

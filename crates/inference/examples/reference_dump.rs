@@ -62,6 +62,7 @@ fn main() -> Result<(), AnyError> {
         intra_threads: input.threads,
         max_active: 1,
         queue_capacity: 1,
+        prefill_chunk: streamgate_inference::DEFAULT_PREFILL_CHUNK,
     })?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (greedy_ids, finish_reason) = runtime.block_on(async {

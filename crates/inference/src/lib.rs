@@ -24,7 +24,7 @@ pub use generator::{
 };
 pub use mock::{MockConfig, MockEngine};
 pub use sampling::SamplingParams;
-pub use scheduler::{EngineConfig, OnnxEngine};
+pub use scheduler::{DEFAULT_PREFILL_CHUNK, EngineConfig, OnnxEngine};
 
 #[cfg(test)]
 pub(crate) mod test_support {

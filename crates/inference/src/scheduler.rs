@@ -1,7 +1,9 @@
 //! The ONNX engine: a dedicated worker thread owns the model, fed by a bounded admission queue.
 //!
-//! The worker keeps up to `max_active` sequences and advances them round-robin, one decode step
-//! each, so concurrent streams all make progress. Before each step it checks whether the
+//! The worker keeps up to `max_active` sequences and advances them round-robin, one step each, so
+//! concurrent streams all make progress: a decode step is one token; a prompt is processed in
+//! chunks of [`EngineConfig::prefill_chunk`] tokens, one chunk per step, so a long prompt neither stalls the
+//! other streams for its whole length nor needs activation memory for all of it at once. Before each step it checks whether the
 //! sequence's receiver is gone (the client disconnected) and, if so, frees that sequence's KV cache.
 //! Nothing heavy runs on the async runtime: the prompt is tokenized on tokio's blocking pool, then
 //! the job is `try_send`-ed into the queue and the stream returned at once, so a caller can start
@@ -42,12 +44,19 @@ pub struct EngineConfig {
     pub max_active: usize,
     /// Requests that may wait for a free slot before new ones get `Overloaded`.
     pub queue_capacity: usize,
+    /// Prompt tokens per forward pass ([`DEFAULT_PREFILL_CHUNK`]).
+    pub prefill_chunk: usize,
 }
 
 type EventSender = UnboundedSender<Result<GenerationEvent>>;
 
 /// Prompts up to this size are tokenized on the calling task (tens of microseconds).
 const INLINE_TOKENIZE_BYTES: usize = 1024;
+
+/// Default prompt tokens per forward pass. Attention's scratch grows with chunk x context, and
+/// ONNX Runtime's arena keeps its peak: 256 keeps a 2,000-token prompt's peak small while the
+/// matrix products still see enough rows to run at full speed.
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
 struct Job {
     prompt_ids: Vec<u32>,
@@ -116,6 +125,7 @@ impl OnnxEngine {
             eos,
             context_length,
             max_active: config.max_active.max(1),
+            prefill_chunk: config.prefill_chunk.max(1),
             shared: Arc::clone(&shared),
             active: Vec::new(),
         };
@@ -208,8 +218,10 @@ struct Sequence {
     cache: KvCache,
     /// Prompt and generated ids (for the repetition penalty).
     history: Vec<u32>,
-    /// What the next forward pass consumes: the prompt first, then the last sampled token.
+    /// What the next forward passes consume: the prompt first, then the last sampled token.
     next_input: Vec<u32>,
+    /// How much of `next_input` has been run (prompt chunks already in the cache).
+    fed: usize,
     prompt_len: usize,
     generated: usize,
     max_tokens: usize,
@@ -225,6 +237,7 @@ struct Worker {
     eos: BTreeSet<u32>,
     context_length: usize,
     max_active: usize,
+    prefill_chunk: usize,
     shared: Arc<Shared>,
     active: Vec<Sequence>,
 }
@@ -286,6 +299,7 @@ impl Worker {
             prompt_len: prompt_ids.len(),
             history: prompt_ids.clone(),
             next_input: prompt_ids,
+            fed: 0,
             generated: 0,
             max_tokens: request.max_tokens,
             events_sent: 0,
@@ -328,7 +342,12 @@ impl Worker {
 
     fn step(&mut self, i: usize) -> Result<Step> {
         let seq = &mut self.active[i];
-        let logits = self.model.forward(&seq.next_input, &mut seq.cache)?;
+        let end = seq.next_input.len().min(seq.fed + self.prefill_chunk);
+        let logits = self.model.forward(&seq.next_input[seq.fed..end], &mut seq.cache)?;
+        if end < seq.next_input.len() {
+            seq.fed = end; // more of the prompt to run before anything is sampled
+            return Ok(Step::Continue);
+        }
         let id = seq.sampler.sample(logits, &seq.history);
         seq.generated += 1;
         seq.history.push(id);
@@ -364,6 +383,7 @@ impl Worker {
         }
         seq.next_input.clear();
         seq.next_input.push(id);
+        seq.fed = 0;
         Ok(Step::Continue)
     }
 }

@@ -21,6 +21,7 @@ fn start(dir: &Path) -> Result<OnnxEngine, InferenceError> {
         intra_threads: 1,
         max_active: 1,
         queue_capacity: 1,
+        prefill_chunk: streamgate_inference::DEFAULT_PREFILL_CHUNK,
     })
 }
 

@@ -8,7 +8,14 @@ use common::*;
 use streamgate_inference::{EngineConfig, InferenceError, OnnxEngine};
 
 fn config(model_dir: std::path::PathBuf, dylib: std::path::PathBuf) -> EngineConfig {
-    EngineConfig { model_dir, ort_dylib_path: dylib, intra_threads: 1, max_active: 1, queue_capacity: 1 }
+    EngineConfig {
+        model_dir,
+        ort_dylib_path: dylib,
+        intra_threads: 1,
+        max_active: 1,
+        queue_capacity: 1,
+        prefill_chunk: streamgate_inference::DEFAULT_PREFILL_CHUNK,
+    }
 }
 
 #[test]

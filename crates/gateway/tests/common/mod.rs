@@ -95,6 +95,7 @@ fn tiny_state_with_logger(args: &[&str], logger: slog::Logger) -> web::Data<AppS
             intra_threads: 1,
             max_active: s.max_active_sequences,
             queue_capacity: s.queue_capacity,
+            prefill_chunk: streamgate_inference::DEFAULT_PREFILL_CHUNK,
         })
         .expect("tiny model loads (run `make setup`)");
         models.insert(version, Arc::new(engine) as Arc<dyn Generator>);

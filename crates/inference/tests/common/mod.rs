@@ -28,12 +28,22 @@ pub fn ort_dylib() -> PathBuf {
 }
 
 pub fn tiny_engine(max_active: usize, queue_capacity: usize) -> OnnxEngine {
+    engine_with(&tiny_model_dir(), max_active, queue_capacity, streamgate_inference::DEFAULT_PREFILL_CHUNK)
+}
+
+pub fn engine_with(
+    model_dir: &std::path::Path,
+    max_active: usize,
+    queue_capacity: usize,
+    prefill_chunk: usize,
+) -> OnnxEngine {
     OnnxEngine::start(&EngineConfig {
-        model_dir: tiny_model_dir(),
+        model_dir: model_dir.to_path_buf(),
         ort_dylib_path: ort_dylib(),
         intra_threads: 1,
         max_active,
         queue_capacity,
+        prefill_chunk,
     })
     .expect("tiny engine starts (run `make setup` first)")
 }
