@@ -100,14 +100,27 @@ bench-gateway: setup $(VENV)/.bench-installed ## load tests: streamgate vs the F
 bench-micro: ## criterion: rate-limit check with 1M clients, SSE event encoding; limiter memory
 	cargo bench -p streamgate-gateway --bench hot_path -- --warm-up-time 1 --measurement-time 3
 
-bench-engine: setup ## one stream: Rust engine vs the Python onnxruntime loop, alternating rounds, same threads
+# llama.cpp, the peer users would pick instead: llama-cpp-python built from its PyPI sdist for this
+# machine's CPU (about 5-15 minutes on 2 cores, once: the wheel is kept in .cache/wheels).
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+$(VENV)/.llama-cpp-installed: | $(VENV)/.installed
+	mkdir -p $(CACHE)/wheels
+	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/pip wheel --quiet \
+	  --disable-pip-version-check --no-deps --no-binary llama-cpp-python -w $(CACHE)/wheels $(LLAMA_CPP_PYTHON)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --find-links $(CACHE)/wheels $(LLAMA_CPP_PYTHON)
+	touch $@
+
+bench-engine: setup reference-model $(VENV)/.llama-cpp-installed ## one stream: the fused engine, the fp32 graph and llama.cpp on the same GGUF
 	cargo build --release --quiet -p streamgate-benches --bin engine-bench
 	@mkdir -p target/bench
 	@prompt=$$(printf '$(BENCH_PROMPT)'); : > target/bench/engine.jsonl; \
-	for round in 1 2 3; do for model in $(SMOLLM2) $(TINY); do \
-	  target/release/engine-bench --model $$model --ort $(ORT_LIB) --prompt "$$prompt" --tokens 64 --runs 4 --threads $(BENCH_THREADS) >> target/bench/engine.jsonl; \
-	  $(PY) benches/python/ort_loop.py --model $$model --prompt "$$prompt" --tokens 64 --runs 4 --threads $(BENCH_THREADS) >> target/bench/engine.jsonl; \
-	done; done
+	long="--long-prompt-file tests/data/quality_text.txt --tokens 128 --runs 2 --threads $(BENCH_THREADS)"; \
+	for round in 1 2 3; do \
+	  for model in $(SMOLLM2) $(SMOLLM2_FP32); do \
+	    target/release/engine-bench --model $$model --ort $(ORT_LIB) --prompt "$$prompt" $$long >> target/bench/engine.jsonl; \
+	  done; \
+	  $(PY) benches/python/llama_cpp_bench.py --gguf $(GGUF) --prompt "$$prompt" $$long >> target/bench/engine.jsonl; \
+	done
 	$(PY) benches/python/engine_table.py < target/bench/engine.jsonl
 
 tiny-model: venv ## regenerate the committed tiny test model (deterministic)

@@ -1,4 +1,5 @@
-"""Tabulate engine-bench (Rust) and ort_loop.py (Python) JSON lines: medians and the ratio."""
+"""Tabulate `make bench-engine`: engine-bench (the fused default model and the fp32 graph) and
+llama_cpp_bench.py (llama.cpp on the same GGUF) JSON lines, as medians and ratios to llama.cpp."""
 
 import json
 import statistics
@@ -10,23 +11,37 @@ for line in sys.stdin:
     line = line.strip()
     if line.startswith("{"):
         r = json.loads(line)
-        rows[(r["model"].rstrip("/").split("/")[-1], r["impl"])].append(r)
+        name = r["model"].rstrip("/").split("/")[-1]
+        engine = "llama.cpp (GGUF)" if r["impl"] == "llama.cpp" else (
+            "streamgate, fp32 graph" if name.endswith("-fp32") else "streamgate, fused graph (default)")
+        rows[engine].append(r)
 
-print("| model | implementation | runs | TTFT median (ms) | decode median (tok/s) |")
-print("| --- | --- | --- | --- | --- |")
-models = sorted({m for m, _ in rows})
-for model in models:
-    for impl in ("rust", "python"):
-        rs = rows.get((model, impl), [])
+
+def med(rs, key):
+    values = [r[key] for r in rs if key in r]
+    return statistics.median(values) if values else float("nan")
+
+
+order = ["streamgate, fused graph (default)", "streamgate, fp32 graph", "llama.cpp (GGUF)"]
+print("| engine | runs | TTFT (ms) | decode (tok/s) | prefill 2,000 tokens (tok/s) | decode at position 2,000 (tok/s) "
+      "| at 2,000 / at start | RSS loaded / after (MiB) |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for engine in order:
+    rs = rows.get(engine, [])
+    if not rs:
+        continue
+    rss = f"{med(rs, 'rss_loaded_mib'):.0f} / {med(rs, 'rss_peak_mib'):.0f}" if "rss_mib" in rs[0] else "-"
+    print(f"| {engine} | {len(rs)} | {med(rs, 'ttft_ms'):.1f} | {med(rs, 'decode_tok_s'):.1f} | "
+          f"{med(rs, 'prefill_tok_s'):.1f} | {med(rs, 'long_decode_tok_s'):.1f} | "
+          f"{med(rs, 'long_decode_tok_s') / med(rs, 'decode_tok_s'):.2f} | {rss} |")
+base = rows.get("llama.cpp (GGUF)")
+if base:
+    print()
+    print("| engine | decode vs llama.cpp | prefill vs llama.cpp | TTFT llama.cpp / engine |")
+    print("| --- | --- | --- | --- |")
+    for engine in order[:2]:
+        rs = rows.get(engine)
         if rs:
-            print(f"| {model} | {impl} | {len(rs)} | {statistics.median(r['ttft_ms'] for r in rs):.1f} | "
-                  f"{statistics.median(r['decode_tok_s'] for r in rs):.1f} |")
-print()
-print("| model | decode ratio rust/python | TTFT ratio python/rust |")
-print("| --- | --- | --- |")
-for model in models:
-    rust, py = rows.get((model, "rust")), rows.get((model, "python"))
-    if rust and py:
-        d = statistics.median(r["decode_tok_s"] for r in rust) / statistics.median(r["decode_tok_s"] for r in py)
-        t = statistics.median(r["ttft_ms"] for r in py) / statistics.median(r["ttft_ms"] for r in rust)
-        print(f"| {model} | {d:.2f}x | {t:.2f}x |")
+            print(f"| {engine} | {med(rs, 'decode_tok_s') / med(base, 'decode_tok_s'):.2f}x | "
+                  f"{med(rs, 'prefill_tok_s') / med(base, 'prefill_tok_s'):.2f}x | "
+                  f"{med(base, 'ttft_ms') / med(rs, 'ttft_ms'):.2f}x |")

@@ -13,7 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache"
 ORT_LIB = CACHE / "onnxruntime" / "libonnxruntime.so.1.31.1"
 TINY = ROOT / "models" / "tiny-llama"
+TINY_FUSED = ROOT / "models" / "tiny-llama-fused"
+# The default model (fused, quantized graph) and the fp32 graph of the same GGUF it is measured against.
 SMOLLM2 = CACHE / "models" / "smollm2-135m-instruct"
+SMOLLM2_FP32 = CACHE / "models" / "smollm2-135m-instruct-fp32"
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 DUMP = TARGET / "debug" / "examples" / "reference_dump"
 # Same thread count on both sides, so both runtimes partition work the same way.

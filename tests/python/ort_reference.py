@@ -33,6 +33,16 @@ class OrtDecoder:
         new_past = {k.replace("present.", "past_key_values."): v for k, v in out.items() if k.startswith("present.")}
         return out["logits"][0, -1], new_past
 
+    def all_logits(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of `ids` in one pass ([len(ids), vocab]): teacher forcing."""
+        feed = {
+            "input_ids": np.array([ids], np.int64),
+            "attention_mask": np.ones((1, len(ids)), np.int64),
+            "position_ids": np.arange(len(ids), dtype=np.int64)[None, :],
+            **self.empty_past(),
+        }
+        return self.session.run(["logits"], feed)[0][0]
+
     def greedy(self, prompt_ids: list[int], steps: int, eos: set[int]) -> tuple[np.ndarray, list[int]]:
         logits, past = self.forward(prompt_ids, self.empty_past(), 0)
         first = logits.copy()

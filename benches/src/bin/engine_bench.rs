@@ -6,7 +6,7 @@
 //! and the Python loop).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Parser;
@@ -71,7 +71,7 @@ async fn measure(
 }
 
 /// The first `n` tokens of a text (repeated until long enough), as text again.
-fn long_prompt(model: &PathBuf, file: &PathBuf, n: usize) -> Result<(String, usize), AnyError> {
+fn long_prompt(model: &Path, file: &Path, n: usize) -> Result<(String, usize), AnyError> {
     let tokenizer = TextTokenizer::from_file(&ModelFiles::read(model)?.tokenizer_path)?;
     let text = std::fs::read_to_string(file)?;
     let mut ids = tokenizer.encode(&text)?;

@@ -79,12 +79,12 @@ async fn the_real_model_answers_through_the_gateway() {
     let server = start(&[]);
     let mut res = client()
         .post(server.url("/api/v1/inference"))
-        .send_json(&json!({"prompt": "What is the capital of France?", "chat": true, "max_tokens": 16, "temperature": 0}))
+        .send_json(&json!({"prompt": "What is the capital of Germany?", "chat": true, "max_tokens": 16, "temperature": 0}))
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
-    assert!(body["text"].as_str().unwrap().contains("Paris"), "{body}");
+    assert!(body["text"].as_str().unwrap().contains("Berlin"), "{body}");
     assert_eq!(body["finish_reason"], "stop");
 }
 

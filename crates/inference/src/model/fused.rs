@@ -40,13 +40,8 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.len
-    }
-
-    /// Positions this cache can hold.
-    pub fn capacity(&self) -> usize {
-        self.capacity
     }
 }
 

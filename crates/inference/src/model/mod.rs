@@ -74,7 +74,8 @@ impl Interrupt {
 
 /// Per-sequence attention cache.
 pub enum KvCache {
-    Fused(fused::Cache),
+    /// Boxed: its binding and tensor handles are large next to the Optimum cache's.
+    Fused(Box<fused::Cache>),
     Optimum(optimum::Cache),
 }
 
@@ -155,7 +156,7 @@ impl DecoderModel {
     /// reserves them now (untouched memory costs nothing until written); the Optimum layout grows.
     pub fn new_cache(&mut self, capacity: usize) -> Result<KvCache> {
         match self {
-            Self::Fused(m) => m.new_cache(capacity).map(KvCache::Fused),
+            Self::Fused(m) => m.new_cache(capacity).map(|c| KvCache::Fused(Box::new(c))),
             Self::Optimum(m) => m.empty_cache().map(KvCache::Optimum),
         }
     }

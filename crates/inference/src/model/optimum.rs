@@ -33,7 +33,7 @@ pub struct Cache {
 
 impl Cache {
     /// Number of positions cached (prompt + generated so far).
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.len
     }
 }
