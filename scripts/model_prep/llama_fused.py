@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from llama_onnx import LlamaConfig
+from llama_onnx import LlamaConfig, _Graph
 
 OPSET = 17
 MS = "com.microsoft"
@@ -57,13 +57,6 @@ class QuantWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return self.q.shape
-
-    def dequantize(self) -> np.ndarray:
-        n, k = self.q.shape
-        w = (self.q.reshape(n, k // BLOCK, BLOCK).astype(np.float32) - self.zp[..., None]) * self.scale[..., None]
-        if self.resid is not None:
-            w += self.resid[..., None]
-        return w.reshape(n, k)
 
 
 # ---- reading GGUF blocks -------------------------------------------------------------------------
@@ -162,28 +155,6 @@ def concat_rows(parts: list[QuantWeight]) -> QuantWeight:
 
 # ---- graph ---------------------------------------------------------------------------------------
 
-class _Graph:
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self._n = 0
-
-    def name(self, hint: str) -> str:
-        self._n += 1
-        return f"{hint}_{self._n}"
-
-    def const(self, name: str, value: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], outputs: list[str] | None = None, n_out: int = 1,
-           domain: str = "", hint: str | None = None, **attrs) -> str | list[str]:
-        if outputs is None:
-            outputs = [self.name(hint or op_type) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.name(op_type), domain=domain, **attrs))
-        return outputs[0] if len(outputs) == 1 else outputs
-
-
 def _pack(q: np.ndarray, bits: int) -> np.ndarray:
     """[N, K] codes to MatMulNBits' B: uint8 [N, K/32, 32*bits/8], element 2i in the low nibble."""
     n, k = q.shape
@@ -194,6 +165,7 @@ def _pack(q: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _pack_zero_points(zp: np.ndarray, bits: int) -> np.ndarray:
+    """[N, K/32] zero points to MatMulNBits' layout: flat, 4-bit ones two per byte (padded per row)."""
     n, blocks = zp.shape
     if bits == 8:
         return zp.reshape(-1)
@@ -203,13 +175,20 @@ def _pack_zero_points(zp: np.ndarray, bits: int) -> np.ndarray:
     return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8).reshape(-1)
 
 
+class _NamedGraph(_Graph):
+    """llama_onnx's graph helper; every initializer here gets exactly the name it is given."""
+
+    def const(self, hint: str, value: np.ndarray, exact: bool = True) -> str:
+        return super().const(hint, value, exact=exact)
+
+
 class _Builder:
     def __init__(self, cfg: LlamaConfig, accuracy_level: int, exact_q4: bool, bits: int = 4) -> None:
-        self.bits = bits
-        self.g = _Graph()
+        self.g = _NamedGraph()
         self.cfg = cfg
         self.accuracy_level = accuracy_level
         self.exact_q4 = exact_q4
+        self.bits = bits
         self._blocksums: dict[str, str] = {}
 
     def matmul(self, x: str, w: QuantWeight, name: str) -> str:

@@ -60,9 +60,12 @@ class _Graph:
         return name
 
     def op(self, op_type: str, inputs: list[str], hint: str | None = None, outputs: list[str] | None = None,
-           n_out: int = 1, **attrs) -> str | list[str]:
+           n_out: int = 1, domain: str = "", **attrs) -> str | list[str]:
+        """Add a node; `domain` names a contrib-op domain (e.g. com.microsoft), "" for standard ONNX."""
         if outputs is None:
             outputs = [self.name(hint or op_type.lower()) for _ in range(n_out)]
+        if domain:
+            attrs["domain"] = domain
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.name(op_type), **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
