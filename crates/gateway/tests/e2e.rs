@@ -172,8 +172,16 @@ async fn sigterm_drains_open_streams_then_ends_them() {
     assert!(long.next_data().await.is_some());
 
     server.signal("TERM");
-    // Readiness turns 503 at once, while the listener still accepts during the shutdown delay.
+    // Readiness turns 503 as soon as the signal is handled (`kill` returns before that), while the
+    // listener still accepts during the shutdown delay.
     let mut ready = client().get(server.url("/api/v1/health/ready")).send().await.unwrap();
+    for _ in 0..40 {
+        if ready.status() == 503 {
+            break;
+        }
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+        ready = client().get(server.url("/api/v1/health/ready")).send().await.unwrap();
+    }
     assert_eq!(ready.status(), 503);
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["error"]["code"], "shutting_down");
