@@ -9,7 +9,24 @@ import numpy as np
 import onnxruntime as ort
 
 
-class OrtDecoder:
+class GreedyLoop:
+    """The greedy KV-cache loop, over a decoder's `empty_past` and `forward(ids, past, done)`."""
+
+    def greedy(self, prompt_ids: list[int], steps: int, eos: set[int]) -> tuple[np.ndarray, list[int]]:
+        logits, past = self.forward(prompt_ids, self.empty_past(), 0)
+        first = logits.copy()
+        done, ids = len(prompt_ids), []
+        for _ in range(steps):
+            token = int(np.argmax(logits))
+            ids.append(token)
+            if token in eos:
+                break
+            logits, past = self.forward([token], past, done)
+            done += 1
+        return first, ids
+
+
+class OrtDecoder(GreedyLoop):
     def __init__(self, model_dir: Path, threads: int) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -43,21 +60,8 @@ class OrtDecoder:
         }
         return self.session.run(["logits"], feed)[0][0]
 
-    def greedy(self, prompt_ids: list[int], steps: int, eos: set[int]) -> tuple[np.ndarray, list[int]]:
-        logits, past = self.forward(prompt_ids, self.empty_past(), 0)
-        first = logits.copy()
-        done, ids = len(prompt_ids), []
-        for _ in range(steps):
-            token = int(np.argmax(logits))
-            ids.append(token)
-            if token in eos:
-                break
-            logits, past = self.forward([token], past, done)
-            done += 1
-        return first, ids
 
-
-class FusedDecoder:
+class FusedDecoder(GreedyLoop):
     """The fused layout (scripts/model_prep/llama_fused.py): one KV buffer per layer of `max_len`
     positions, bound as both `past_key_values.*` and `present.*`, so GroupQueryAttention writes new
     positions in place; `seqlens_k` / `total_sequence_length` say how many are valid."""
@@ -90,19 +94,6 @@ class FusedDecoder:
             binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()[0, -1], past
-
-    def greedy(self, prompt_ids: list[int], steps: int, eos: set[int]) -> tuple[np.ndarray, list[int]]:
-        logits, past = self.forward(prompt_ids, self.empty_past(), 0)
-        first = logits.copy()
-        done, ids = len(prompt_ids), []
-        for _ in range(steps):
-            token = int(np.argmax(logits))
-            ids.append(token)
-            if token in eos:
-                break
-            logits, past = self.forward([token], past, done)
-            done += 1
-        return first, ids
 
 
 def decoder_for(model_dir: Path, threads: int):

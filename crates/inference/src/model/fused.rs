@@ -20,7 +20,7 @@ use ort::memory::Allocator;
 use ort::session::{IoBinding, Session};
 use ort::value::{Tensor, TensorElementType};
 
-use super::{Interrupt, ModelShape, unsupported};
+use super::{CacheIo, Interrupt, ModelShape, unsupported};
 use crate::error::{InferenceError, Result};
 use crate::model_files::ModelFiles;
 
@@ -59,12 +59,7 @@ pub struct FusedModel {
 impl FusedModel {
     pub(super) fn new(session: Session, files: &ModelFiles, interrupt: Interrupt) -> Result<Self> {
         let shape = discover_shape(&session, files)?;
-        let past_names = (0..shape.layers)
-            .flat_map(|i| [format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value")])
-            .collect();
-        let present_names = (0..shape.layers)
-            .flat_map(|i| [format!("present.{i}.key"), format!("present.{i}.value")])
-            .collect();
+        let (past_names, present_names) = shape.cache_names();
         let logits = Tensor::<f32>::new(&Allocator::default(), [1usize, 1, shape.vocab_size])
             .map_err(InferenceError::runtime)?;
         Ok(Self { session, shape, interrupt, past_names, present_names, logits })
@@ -139,52 +134,27 @@ impl FusedModel {
 fn discover_shape(session: &Session, files: &ModelFiles) -> Result<ModelShape> {
     let fail = |reason: String| unsupported(files, format!("fused layout (input 'seqlens_k'): {reason}"));
     let inputs = session.inputs();
-    let outputs = session.outputs();
-    let input = |name: &str| inputs.iter().find(|o| o.name() == name);
-    let output = |name: &str| outputs.iter().find(|o| o.name() == name);
     for (name, ty) in [
         ("input_ids", TensorElementType::Int64),
         ("seqlens_k", TensorElementType::Int32),
         ("total_sequence_length", TensorElementType::Int32),
     ] {
-        let found = input(name).ok_or_else(|| fail(format!("missing input '{name}'")))?;
+        let found = inputs
+            .iter()
+            .find(|i| i.name() == name)
+            .ok_or_else(|| fail(format!("missing input '{name}'")))?;
         if found.dtype().tensor_type() != Some(ty) {
             return Err(fail(format!("input '{name}' must be {ty:?}")));
         }
     }
-    let mut layers = 0;
-    while input(&format!("past_key_values.{layers}.key")).is_some() {
-        layers += 1;
-    }
-    if layers == 0 {
-        return Err(fail("missing input 'past_key_values.0.key'".into()));
-    }
-    for i in 0..layers {
-        if input(&format!("past_key_values.{i}.value")).is_none() {
-            return Err(fail(format!("missing input 'past_key_values.{i}.value'")));
-        }
-        for name in [format!("present.{i}.key"), format!("present.{i}.value")] {
-            if output(&name).is_none() {
-                return Err(fail(format!("missing output '{name}'")));
-            }
-        }
-    }
-    let past = input("past_key_values.0.key").ok_or_else(|| fail("missing past input".into()))?;
-    if past.dtype().tensor_type() != Some(TensorElementType::Float32) {
-        return Err(fail("past_key_values must be float32".into()));
-    }
-    let dims: Vec<i64> = past.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
-    let fixed = |i: usize| dims.get(i).copied().filter(|d| *d > 0).map(|d| d as usize);
-    let (Some(kv_heads), Some(head_dim)) = (fixed(1), fixed(3)) else {
+    let io = CacheIo::read(session)
+        .map_err(fail)?
+        .ok_or_else(|| fail("missing input 'past_key_values.0.key'".into()))?;
+    let (Some(kv_heads), Some(head_dim)) = (io.past_dim(1), io.past_dim(3)) else {
         return Err(fail("past_key_values must have fixed KV-head and head-size dimensions".into()));
     };
-    let logits = output("logits").ok_or_else(|| fail("missing output 'logits'".into()))?;
-    let vocab_size = logits
-        .dtype()
-        .tensor_shape()
-        .and_then(|s| s.last().copied())
-        .filter(|d| *d > 0)
-        .map(|d| d as usize)
-        .ok_or_else(|| fail("the logits' vocabulary dimension is not fixed".into()))?;
+    let vocab_size =
+        io.vocab_size.ok_or_else(|| fail("the logits' vocabulary dimension is not fixed".into()))?;
+    let layers = io.layers;
     Ok(ModelShape { layers, kv_heads, head_dim, vocab_size })
 }

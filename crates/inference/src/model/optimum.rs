@@ -18,9 +18,9 @@
 use std::borrow::Cow;
 
 use ort::session::{Session, SessionInputValue};
-use ort::value::{DynValue, Tensor, TensorElementType};
+use ort::value::{DynValue, Tensor};
 
-use super::{Interrupt, ModelShape, unsupported};
+use super::{CacheIo, Interrupt, ModelShape, unsupported};
 use crate::error::{InferenceError, Result};
 use crate::model_files::ModelFiles;
 
@@ -55,12 +55,7 @@ impl OptimumModel {
     /// Check the graph has the inputs and outputs of a decoder with past.
     pub(super) fn new(session: Session, files: &ModelFiles, interrupt: Interrupt) -> Result<Self> {
         let (shape, has_position_ids) = discover_shape(&session, files)?;
-        let past_names = (0..shape.layers)
-            .flat_map(|i| [format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value")])
-            .collect();
-        let present_names = (0..shape.layers)
-            .flat_map(|i| [format!("present.{i}.key"), format!("present.{i}.value")])
-            .collect();
+        let (past_names, present_names) = shape.cache_names();
         Ok(Self {
             logits: Vec::with_capacity(shape.vocab_size),
             session,
@@ -160,53 +155,21 @@ fn discover_shape(session: &Session, files: &ModelFiles) -> Result<(ModelShape, 
                 .into(),
         ));
     }
-    let mut layers = 0;
-    while input(&format!("past_key_values.{layers}.key")).is_some() {
-        layers += 1;
-    }
-    if layers == 0 {
-        return Err(unsupported(
+    let io = CacheIo::read(session).map_err(unsupported)?.ok_or_else(|| {
+        unsupported(
             "missing input 'past_key_values.0.key' (export with --task text-generation-with-past)".into(),
-        ));
-    }
-    let outputs = session.outputs();
-    let output = |name: &str| outputs.iter().find(|o| o.name() == name);
-    for i in 0..layers {
-        let value = format!("past_key_values.{i}.value");
-        if input(&value).is_none() {
-            return Err(unsupported(format!("missing input '{value}'")));
-        }
-        for name in [format!("present.{i}.key"), format!("present.{i}.value")] {
-            if output(&name).is_none() {
-                return Err(unsupported(format!("missing output '{name}'")));
-            }
-        }
-    }
-    let logits = output("logits").ok_or_else(|| unsupported("missing output 'logits'".into()))?;
-
-    let past = input("past_key_values.0.key").ok_or_else(|| unsupported("missing past input".into()))?;
-    if past.dtype().tensor_type() != Some(TensorElementType::Float32) {
-        return Err(unsupported(format!(
-            "past_key_values must be float32 (found {:?}); export the model in fp32",
-            past.dtype().tensor_type()
-        )));
-    }
-    let dims: Vec<i64> = past.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
-    let fixed = |i: usize| dims.get(i).copied().filter(|d| *d > 0).map(|d| d as usize);
-    let kv_heads = fixed(1).or(files.config_kv_heads).ok_or_else(|| {
+        )
+    })?;
+    let kv_heads = io.past_dim(1).or(files.config_kv_heads).ok_or_else(|| {
         unsupported(
             "the KV head count is symbolic in the graph and config.json has no num_key_value_heads".into(),
         )
     })?;
-    let head_dim = fixed(3).or(files.config_head_dim).ok_or_else(|| {
+    let head_dim = io.past_dim(3).or(files.config_head_dim).ok_or_else(|| {
         unsupported("the head size is symbolic in the graph and config.json does not give it".into())
     })?;
-    let vocab_size = logits
-        .dtype()
-        .tensor_shape()
-        .and_then(|s| s.last().copied())
-        .filter(|d| *d > 0)
-        .map(|d| d as usize)
-        .ok_or_else(|| unsupported("the logits' vocabulary dimension is not fixed".into()))?;
+    let vocab_size =
+        io.vocab_size.ok_or_else(|| unsupported("the logits' vocabulary dimension is not fixed".into()))?;
+    let layers = io.layers;
     Ok((ModelShape { layers, kv_heads, head_dim, vocab_size }, input("position_ids").is_some()))
 }
