@@ -285,7 +285,7 @@ impl Worker {
             return; // the client left while queued
         }
         // The cache holds every position this request can reach, reserved once (no growth per token).
-        let capacity = (prompt_ids.len() + request.max_tokens).min(self.context_length);
+        let capacity = prompt_ids.len().saturating_add(request.max_tokens).min(self.context_length);
         let cache = match self.model.new_cache(capacity) {
             Ok(cache) => cache,
             Err(e) => {
