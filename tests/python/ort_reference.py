@@ -9,6 +9,12 @@ import numpy as np
 import onnxruntime as ort
 
 
+def open_session(model_dir: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+
+
 class GreedyLoop:
     """The greedy KV-cache loop, over a decoder's `empty_past` and `forward(ids, past, done)`."""
 
@@ -27,10 +33,8 @@ class GreedyLoop:
 
 
 class OrtDecoder(GreedyLoop):
-    def __init__(self, model_dir: Path, threads: int) -> None:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    def __init__(self, model_dir: Path, threads: int, session: ort.InferenceSession | None = None) -> None:
+        self.session = session or open_session(model_dir, threads)
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         first = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
         self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
@@ -66,10 +70,9 @@ class FusedDecoder(GreedyLoop):
     positions, bound as both `past_key_values.*` and `present.*`, so GroupQueryAttention writes new
     positions in place; `seqlens_k` / `total_sequence_length` say how many are valid."""
 
-    def __init__(self, model_dir: Path, threads: int, max_len: int = 2048) -> None:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    def __init__(self, model_dir: Path, threads: int, max_len: int = 2048,
+                 session: ort.InferenceSession | None = None) -> None:
+        self.session = session or open_session(model_dir, threads)
         inputs = {i.name: i for i in self.session.get_inputs()}
         assert "seqlens_k" in inputs, "not a fused-layout model"
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
@@ -97,7 +100,7 @@ class FusedDecoder(GreedyLoop):
 
 
 def decoder_for(model_dir: Path, threads: int):
-    """The reference decoder for either layout, told apart by the graph's inputs."""
-    session_inputs = {i.name for i in ort.InferenceSession(
-        str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"]).get_inputs()}
-    return FusedDecoder(model_dir, threads) if "seqlens_k" in session_inputs else OrtDecoder(model_dir, threads)
+    """The reference decoder for either layout, told apart by the graph's inputs (one session)."""
+    session = open_session(model_dir, threads)
+    fused = any(i.name == "seqlens_k" for i in session.get_inputs())
+    return (FusedDecoder if fused else OrtDecoder)(model_dir, threads, session=session)

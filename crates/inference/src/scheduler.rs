@@ -2,9 +2,10 @@
 //!
 //! The worker keeps up to `max_active` sequences and advances them round-robin, one step each, so
 //! concurrent streams all make progress: a decode step is one token; a prompt is processed in
-//! chunks of [`EngineConfig::prefill_chunk`] tokens, one chunk per step, so a long prompt neither stalls the
-//! other streams for its whole length nor needs activation memory for all of it at once. Before each step it checks whether the
-//! sequence's receiver is gone (the client disconnected) and, if so, frees that sequence's KV cache.
+//! chunks of [`EngineConfig::prefill_chunk`] tokens, one chunk per step, so a long prompt neither
+//! stalls the other streams for its whole length nor needs activation memory for all of it at
+//! once. Before each step it checks whether the sequence's receiver is gone (the client
+//! disconnected) and, if so, frees that sequence's KV cache.
 //! Nothing heavy runs on the async runtime: the prompt is tokenized on tokio's blocking pool, then
 //! the job is `try_send`-ed into the queue and the stream returned at once, so a caller can start
 //! its response (and keep-alives) while the request waits for a slot and its prompt is processed.
