@@ -11,14 +11,23 @@ the GGUF's own quantized blocks (no re-quantization):
 Inputs and outputs (the "shared-buffer" layout the Rust engine recognizes by `seqlens_k`):
 
     input_ids               int64 [batch, seq]
-    seqlens_k               int32 [batch]        (positions cached after this run) - 1, per row
-    total_sequence_length   int32 []             max over rows of seqlens_k + 1
-    past_key_values.{i}.key / .value   float32 [batch, kv_heads, max_len, head_dim]
-    -> logits               float32 [batch, 1, vocab]       (last position of each row only)
-    -> present.{i}.key / .value        float32 [batch, kv_heads, max_len, head_dim]
+    slots                   int64 [batch]        the cache row each input row reads and extends
+    seqlens_k               int32 [rows]         (positions cached after this run) - 1, per cache row
+    total_sequence_length   int32 []             max over cache rows of seqlens_k + 1
+    past_key_values.{i}.key / .value   float32 [rows, kv_heads, max_len, head_dim]
+    -> logits               float32 [batch, 1, vocab]       (last position of each input row only)
+    -> present.{i}.key / .value        float32 [rows, kv_heads, max_len, head_dim]
 
 `present.*` are meant to be bound to the very buffers passed as `past_key_values.*`
 (GroupQueryAttention then writes the new positions in place: nothing is copied per token).
+
+The cache has its own row count: a pool of slots, of which a decode step feeds only the active
+ones (`slots`). Each layer scatters the active rows' packed q/k/v into a zero tensor of all cache
+rows, runs GroupQueryAttention over the pool (an idle row has a zero query and `seqlens_k` 0: one
+position of attention, written into its own free slot), and gathers the active rows back, so the
+projections, which are most of the cost, run on active rows only and no sequence moves when
+another joins or leaves. A prompt chunk (seq > 1 with a past) must run with one cache row: that is
+ONNX Runtime's GroupQueryAttention rule.
 
 Weights. A GGUF Q4_1 block of 32 weights along K is `w = d*q + m` (q in 0..15). MatMulNBits with
 bits=4 computes `d*(q - z)` with an integer zero point z; choosing z = round(-m/d) leaves a per-block
@@ -253,6 +262,14 @@ def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: 
 
     split_gate_up = g.const("split_gate_up", np.array([cfg.intermediate_size] * 2, np.int64))
     past_inputs, present_outputs = [], []
+    # All cache rows' packed q/k/v start as zeros: [rows, seq, (heads + 2 * kv_heads) * head_dim].
+    qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
+    zero, one, two = (g.const(n, np.array([v], np.int64)) for n, v in (("zero", 0), ("one", 1), ("two", 2)))
+    rows = g.op("Slice", [g.op("Shape", ["past_key_values.0.key"]), zero, one])
+    seq = g.op("Slice", [g.op("Shape", ["input_ids"]), one, two])
+    pool_shape = g.op("Concat", [rows, seq, g.const("qkv_width", np.array([qkv_width], np.int64))], axis=0)
+    pool_zeros = g.op("ConstantOfShape", [pool_shape], value=helper.make_tensor("zero_f32", TensorProto.FLOAT, [1], [0.0]))
+    slot_index = g.op("Unsqueeze", ["slots", g.const("axis_last_slot", np.array([-1], np.int64))])  # [batch, 1]
     h = g.op("SimplifiedLayerNormalization", [x, g.const("layers.0.attn_norm", w["layers.0.attn_norm"])],
              axis=-1, epsilon=eps, stash_type=1)
     residual = x
@@ -264,9 +281,12 @@ def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: 
         past_inputs += [past_k, past_v]
         present_outputs += [pres_k, pres_v]
         attn = g.name(f"{p}.attn")
-        g.op("GroupQueryAttention", [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin],
-             outputs=[attn, pres_k, pres_v], domain=MS, num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads,
+        pool_qkv = g.op("ScatterND", [pool_zeros, slot_index, qkv])
+        pool_attn = g.name(f"{p}.pool_attn")
+        g.op("GroupQueryAttention", [pool_qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin],
+             outputs=[pool_attn, pres_k, pres_v], domain=MS, num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads,
              scale=float(1.0 / np.sqrt(hd)), do_rotary=1, rotary_interleaved=1, local_window_size=-1)
+        g.op("Gather", [pool_attn, "slots"], outputs=[attn], axis=0)
         o = b.matmul(attn, w[f"{p}.o"], f"{p}.o_proj")
         h, _, _, residual = g.op("SkipSimplifiedLayerNormalization",
                                  [o, residual, g.const(f"{p}.ffn_norm", w[f"{p}.ffn_norm"])],
@@ -311,10 +331,11 @@ def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: 
         g.op("ScatterElements", [approx, top, g.op("Squeeze", [exact, minus_one])], outputs=["logits"], axis=-1)
 
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
-    kv_shape = ["batch_size", cfg.num_kv_heads, "max_sequence_length", hd]
+    kv_shape = ["cache_rows", cfg.num_kv_heads, "max_sequence_length", hd]
     inputs = [
         helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("seqlens_k", i32, ["batch_size"]),
+        helper.make_tensor_value_info("slots", i64, ["batch_size"]),
+        helper.make_tensor_value_info("seqlens_k", i32, ["cache_rows"]),
         helper.make_tensor_value_info("total_sequence_length", i32, []),
     ] + [helper.make_tensor_value_info(n, f32, kv_shape) for n in past_inputs]
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", 1, cfg.vocab_size])] + [

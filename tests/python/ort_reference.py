@@ -68,7 +68,8 @@ class OrtDecoder(GreedyLoop):
 class FusedDecoder(GreedyLoop):
     """The fused layout (scripts/model_prep/llama_fused.py): one KV buffer per layer of `max_len`
     positions, bound as both `past_key_values.*` and `present.*`, so GroupQueryAttention writes new
-    positions in place; `seqlens_k` / `total_sequence_length` say how many are valid."""
+    positions in place; `seqlens_k` / `total_sequence_length` say how many are valid. One cache row
+    (`slots` = [0]): the engine's pool of rows is its own business."""
 
     def __init__(self, model_dir: Path, threads: int, max_len: int = 2048,
                  session: ort.InferenceSession | None = None) -> None:
@@ -89,6 +90,7 @@ class FusedDecoder(GreedyLoop):
             raise ValueError(f"{total} positions do not fit a cache of {self.max_len}")
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.array([ids], np.int64))
+        binding.bind_cpu_input("slots", np.array([0], np.int64))
         binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
         binding.bind_output("logits")  # first, so it is get_outputs()[0]

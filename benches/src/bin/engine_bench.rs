@@ -6,13 +6,12 @@
 //! and the Python loop).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
 use futures_util::StreamExt;
-use streamgate_inference::model_files::ModelFiles;
-use streamgate_inference::tokenizer::TextTokenizer;
+use streamgate_benches::prompts::{AnyError, long_prompt};
 use streamgate_inference::{
     EngineConfig, GenerationEvent, GenerationRequest, Generator, OnnxEngine, SamplingParams,
 };
@@ -39,6 +38,9 @@ struct Args {
     long_prompt_file: Option<PathBuf>,
     #[arg(long, default_value_t = 2000)]
     long_prompt_tokens: usize,
+    /// KV slots (the gateway's --max-active-sequences); one stream runs either way.
+    #[arg(long, default_value_t = 1)]
+    slots: usize,
 }
 
 /// One greedy generation: (time to first token, decode tokens/s after it, tokens).
@@ -71,19 +73,6 @@ async fn measure(
 }
 
 /// The first `n` tokens of a text (repeated until long enough), as text again.
-fn long_prompt(model: &Path, file: &Path, n: usize) -> Result<(String, usize), AnyError> {
-    let tokenizer = TextTokenizer::from_file(&ModelFiles::read(model)?.tokenizer_path)?;
-    let text = std::fs::read_to_string(file)?;
-    let mut ids = tokenizer.encode(&text)?;
-    while ids.len() < n && !ids.is_empty() {
-        ids.extend_from_within(..);
-    }
-    ids.truncate(n);
-    let prompt = tokenizer.decode(&ids)?;
-    let count = tokenizer.encode(&prompt)?.len();
-    Ok((prompt, count))
-}
-
 /// Resident and peak resident memory of this process, in MiB (Linux; zeros elsewhere).
 fn memory_mib() -> (f64, f64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -98,17 +87,19 @@ fn memory_mib() -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-type AnyError = Box<dyn std::error::Error + Send + Sync>;
-
 fn main() -> Result<(), AnyError> {
     let args = Args::parse();
     let engine = OnnxEngine::start(&EngineConfig {
         model_dir: args.model.clone(),
         ort_dylib_path: args.ort.clone(),
         intra_threads: args.threads,
-        max_active: 1,
+        max_active: args.slots,
         queue_capacity: 1,
         prefill_chunk: streamgate_inference::DEFAULT_PREFILL_CHUNK,
+        context_length: None,
+        // Every run repeats the prompt: reuse would measure a copy, not prompt processing.
+        prefix_cache_mb: 0,
+        prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
     })?;
     let (loaded_rss, _) = memory_mib();
     let long = match &args.long_prompt_file {

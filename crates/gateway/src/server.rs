@@ -40,6 +40,9 @@ pub fn load_models(settings: &Settings, logger: &Logger) -> Result<ModelRegistry
             max_active: settings.max_active_sequences,
             queue_capacity: settings.queue_capacity,
             prefill_chunk: settings.prefill_chunk,
+            context_length: settings.context_length,
+            prefix_cache_mb: settings.prefix_cache_mb,
+            prefill_pace: settings.prefill_pace,
         })
         .map_err(|e| format!("model version {}: {e}", spec.version))?;
         let info = engine.info();

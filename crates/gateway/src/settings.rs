@@ -111,8 +111,9 @@ pub struct Settings {
     #[arg(long, env = "STREAMGATE_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
 
-    /// Generations decoded concurrently per model (round-robin on one worker thread).
-    #[arg(long, env = "STREAMGATE_MAX_ACTIVE_SEQUENCES", default_value_t = 4)]
+    /// Generations decoded together per model: the KV pool's slots. Each decode step advances all
+    /// of them in one forward pass.
+    #[arg(long, env = "STREAMGATE_MAX_ACTIVE_SEQUENCES", default_value_t = 8)]
     pub max_active_sequences: usize,
 
     /// Requests that may wait for a free generation slot; beyond it, 503 with Retry-After.
@@ -123,6 +124,23 @@ pub struct Settings {
     /// other streams take their decode steps.
     #[arg(long, env = "STREAMGATE_PREFILL_CHUNK", default_value_t = streamgate_inference::DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
+
+    /// While other streams decode, a new prompt's chunk takes about this many decode steps' time,
+    /// so their inter-token gaps grow by about that factor while it is admitted; 0 runs whole
+    /// --prefill-chunk chunks (fastest admission, longest stalls).
+    #[arg(long, env = "STREAMGATE_PREFILL_PACE", default_value_t = streamgate_inference::DEFAULT_PREFILL_PACE)]
+    pub prefill_pace: f64,
+
+    /// Positions per generation, prompt plus output (default: the model's context length, capped
+    /// at 4096). Every KV slot holds this many positions, so the pool's memory is
+    /// slots x this x the model's KV bytes per position.
+    #[arg(long, env = "STREAMGATE_CONTEXT_LENGTH")]
+    pub context_length: Option<usize>,
+
+    /// Megabytes of finished generations' KV kept so a prompt that starts the same way (a system
+    /// prompt, a conversation's earlier turns) is not recomputed; 0 turns prefix reuse off.
+    #[arg(long, env = "STREAMGATE_PREFIX_CACHE_MB", default_value_t = 256)]
+    pub prefix_cache_mb: usize,
 
     /// Browser origins allowed by CORS, exactly (comma-separated), e.g. https://app.example.com.
     #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -257,6 +275,15 @@ impl Settings {
         }
         if self.prefill_chunk == 0 || self.prefill_chunk > 8192 {
             return fail("--prefill-chunk / STREAMGATE_PREFILL_CHUNK", "must be 1..=8192".into());
+        }
+        if self.context_length.is_some_and(|n| !(16..=1_048_576).contains(&n)) {
+            return fail("--context-length / STREAMGATE_CONTEXT_LENGTH", "must be 16..=1048576".into());
+        }
+        if !(0.0..=1000.0).contains(&self.prefill_pace) {
+            return fail("--prefill-pace / STREAMGATE_PREFILL_PACE", "must be 0..=1000".into());
+        }
+        if self.prefix_cache_mb > 1 << 20 {
+            return fail("--prefix-cache-mb / STREAMGATE_PREFIX_CACHE_MB", "must be at most 1048576".into());
         }
         if self.max_tokens_limit == 0 {
             return fail("--max-tokens-limit / STREAMGATE_MAX_TOKENS_LIMIT", "must be at least 1".into());

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use futures_util::StreamExt;
 use serde::Deserialize;
+use streamgate_inference::model::fused::PoolOptions;
 use streamgate_inference::model::{DecoderModel, SessionOptions};
 use streamgate_inference::model_files::ModelFiles;
 use streamgate_inference::runtime::init_runtime;
@@ -51,9 +52,11 @@ fn main() -> Result<(), AnyError> {
     let encodings = input.texts.iter().map(|t| tokenizer.encode(t)).collect::<Result<Vec<_>, _>>()?;
 
     let first_logits = {
-        let mut model = DecoderModel::load(&env, &files, &SessionOptions { intra_threads: input.threads })?;
-        let mut cache = model.new_cache(prompt_ids.len())?;
-        model.forward(&prompt_ids, &mut cache)?.to_vec()
+        let pool = PoolOptions { slots: 1, slot_len: prompt_ids.len(), prefix_cache_bytes: 0 };
+        let options = SessionOptions { intra_threads: input.threads, pool };
+        let mut model = DecoderModel::load(&env, &files, &options)?;
+        let mut cache = model.new_cache()?.ok_or("no free KV slot")?;
+        model.prefill(&prompt_ids, &mut cache)?.to_vec()
     };
 
     let engine = OnnxEngine::start(&EngineConfig {
@@ -63,6 +66,9 @@ fn main() -> Result<(), AnyError> {
         max_active: 1,
         queue_capacity: 1,
         prefill_chunk: streamgate_inference::DEFAULT_PREFILL_CHUNK,
+        context_length: None,
+        prefix_cache_mb: 64,
+        prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
     })?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (greedy_ids, finish_reason) = runtime.block_on(async {

@@ -102,6 +102,20 @@ pub struct EngineStats {
     pub cancelled: u64,
     /// Generations that ran to a finish reason.
     pub completed: u64,
+    /// Sequences one decode step can advance together (0: no fixed pool).
+    pub slots: usize,
+    /// Sequences advanced by the last decode step, and the most any step has advanced.
+    pub batch_size: usize,
+    pub peak_batch_size: usize,
+    /// Decode steps (forward passes over the decoding sequences) since start.
+    pub decode_steps: u64,
+    /// Requests that left the queue for a slot since start.
+    pub admitted: u64,
+    /// Their summed time in the queue, in microseconds.
+    pub queue_wait_micros: u64,
+    /// Prompts that started from a cached prefix, and the positions they did not recompute.
+    pub prefix_hits: u64,
+    pub prefix_tokens_reused: u64,
 }
 
 /// A text generator: the real ONNX engine, or the benchmarking mock.

@@ -1,8 +1,10 @@
 //! streamgate's inference crate: decoder language models on ONNX Runtime, served as async token
 //! streams. It knows nothing about HTTP.
 //!
-//! Data flows `Generator::generate` → [`scheduler`] (bounded queue, worker thread, cancellation)
-//! → [`model`] (ORT session, KV cache) → [`sampling`] / [`tokenizer`] / [`stop`].
+//! Data flows `Generator::generate` → [`scheduler`] (bounded queue, worker thread, the step loop
+//! that batches decoding sequences, cancellation) → `sequence` (one generation: sample →
+//! detokenize → stop → event) and [`model`] (ORT session, KV slot pool, prefix cache) →
+//! [`sampling`] / [`tokenizer`] / [`stop`].
 
 pub mod chat;
 pub mod error;
@@ -13,6 +15,7 @@ pub mod model_files;
 pub mod runtime;
 pub mod sampling;
 pub mod scheduler;
+mod sequence;
 pub mod stop;
 pub mod tokenizer;
 
@@ -24,7 +27,9 @@ pub use generator::{
 };
 pub use mock::{MockConfig, MockEngine};
 pub use sampling::SamplingParams;
-pub use scheduler::{DEFAULT_PREFILL_CHUNK, EngineConfig, OnnxEngine};
+pub use scheduler::{
+    DEFAULT_MAX_CONTEXT, DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_PACE, EngineConfig, OnnxEngine,
+};
 
 #[cfg(test)]
 pub(crate) mod test_support {

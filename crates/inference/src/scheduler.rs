@@ -1,11 +1,20 @@
-//! The ONNX engine: a dedicated worker thread owns the model, fed by a bounded admission queue.
+//! The ONNX engine: a dedicated worker thread owns the model, fed by a bounded admission queue,
+//! and runs a step loop that batches every decoding sequence into one forward pass.
 //!
-//! The worker keeps up to `max_active` sequences and advances them round-robin, one step each, so
-//! concurrent streams all make progress: a decode step is one token; a prompt is processed in
-//! chunks of [`EngineConfig::prefill_chunk`] tokens, one chunk per step, so a long prompt neither
-//! stalls the other streams for its whole length nor needs activation memory for all of it at
-//! once. Before each step it checks whether the sequence's receiver is gone (the client
-//! disconnected) and, if so, frees that sequence's KV cache.
+//! ```text
+//! loop {
+//!     drop sequences whose client left                   (their slot is free at once)
+//!     admit queued jobs while a KV slot is free          (queue full → Overloaded, at generate)
+//!     prefill: one chunk of the oldest prompt            (a cached prefix is copied, not rerun)
+//!     decode:  one token for every decoding sequence     (one forward pass for all of them)
+//!     per sequence: sample → detokenize → stop check → event; finished ones free their slot
+//! }
+//! ```
+//!
+//! A prompt runs in chunks of up to [`EngineConfig::prefill_chunk`] tokens while nothing else
+//! decodes; while other streams decode, its chunk is sized to take about
+//! [`EngineConfig::prefill_pace`] decode steps (costs measured as it runs), so a long prompt slows
+//! running streams by about that much per step instead of stalling them for its whole length.
 //! Nothing heavy runs on the async runtime: the prompt is tokenized on tokio's blocking pool, then
 //! the job is `try_send`-ed into the queue and the stream returned at once, so a caller can start
 //! its response (and keep-alives) while the request waits for a slot and its prompt is processed.
@@ -15,22 +24,22 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+use tokio::sync::mpsc::unbounded_channel;
 
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{InferenceError, Result};
 use crate::generator::{
-    BoxFuture, EngineStats, FinishReason, GenerationEvent, GenerationRequest, Generator, ModelInfo,
-    ReceiverStream, TokenStream, Usage, validate_request,
+    BoxFuture, EngineStats, FinishReason, GenerationRequest, Generator, ModelInfo, ReceiverStream,
+    TokenStream, validate_request,
 };
-use crate::model::{DecoderModel, Interrupt, KvCache, SessionOptions};
+use crate::model::fused::PoolOptions;
+use crate::model::{DecoderModel, Interrupt, SessionOptions};
 use crate::model_files::ModelFiles;
 use crate::runtime::init_runtime;
-use crate::sampling::Sampler;
-use crate::stop::{StopCheck, StopMatcher};
-use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
+use crate::sequence::{EventSender, Sequence, Step, TokenRules};
+use crate::tokenizer::TextTokenizer;
 
 /// How to start an [`OnnxEngine`].
 #[derive(Debug, Clone)]
@@ -41,15 +50,26 @@ pub struct EngineConfig {
     pub ort_dylib_path: PathBuf,
     /// ONNX Runtime intra-op threads.
     pub intra_threads: usize,
-    /// Sequences decoded concurrently (round-robin).
+    /// Sequences decoded together (the KV pool's rows).
     pub max_active: usize,
     /// Requests that may wait for a free slot before new ones get `Overloaded`.
     pub queue_capacity: usize,
-    /// Prompt tokens per forward pass ([`DEFAULT_PREFILL_CHUNK`]).
+    /// Prompt tokens per forward pass when nothing else decodes ([`DEFAULT_PREFILL_CHUNK`]).
     pub prefill_chunk: usize,
+    /// Positions per sequence (prompt + output); `None`: the model's own context length, capped
+    /// at [`DEFAULT_MAX_CONTEXT`]. Each KV slot holds this many positions.
+    pub context_length: Option<usize>,
+    /// Megabytes of finished sequences' KV kept for prefix reuse (0: off).
+    pub prefix_cache_mb: usize,
+    /// While other sequences decode, a prompt chunk is sized to take about this many decode steps'
+    /// time ([`DEFAULT_PREFILL_PACE`]); 0 runs whole `prefill_chunk`s (fastest admission, longest
+    /// stalls for running streams).
+    pub prefill_pace: f64,
 }
 
-type EventSender = UnboundedSender<Result<GenerationEvent>>;
+/// A prompt chunk takes about one decode step while others decode: their inter-token gaps at most
+/// about double while a long prompt is admitted.
+pub const DEFAULT_PREFILL_PACE: f64 = 1.0;
 
 /// Prompts up to this size are tokenized on the calling task (tens of microseconds).
 const INLINE_TOKENIZE_BYTES: usize = 1024;
@@ -59,10 +79,16 @@ const INLINE_TOKENIZE_BYTES: usize = 1024;
 /// matrix products still see enough rows to run at full speed.
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
+/// The default cap on positions per sequence. Every KV slot is this long; its memory is taken as
+/// positions are written, and a slot keeps what it has touched, so the pool's worst case is
+/// slots x this x the model's KV bytes per position (SmolLM2-135M: 46 KB per position).
+pub const DEFAULT_MAX_CONTEXT: usize = 4096;
+
 struct Job {
     prompt_ids: Vec<u32>,
     request: GenerationRequest,
     events: EventSender,
+    queued_at: Instant,
 }
 
 #[derive(Default)]
@@ -72,6 +98,13 @@ struct Shared {
     tokens_generated: AtomicU64,
     cancelled: AtomicU64,
     completed: AtomicU64,
+    batch_size: AtomicUsize,
+    peak_batch_size: AtomicUsize,
+    decode_steps: AtomicU64,
+    admitted: AtomicU64,
+    queue_wait_micros: AtomicU64,
+    prefix_hits: AtomicU64,
+    prefix_tokens_reused: AtomicU64,
     running: AtomicBool,
     stopping: AtomicBool,
 }
@@ -84,6 +117,7 @@ pub struct OnnxEngine {
     tokenizer: TextTokenizer,
     queue: SyncSender<Job>,
     queue_capacity: usize,
+    slots: usize,
     shared: Arc<Shared>,
     /// Stops a forward pass in progress (a long prefill) at shutdown.
     interrupt: Interrupt,
@@ -95,11 +129,23 @@ impl OnnxEngine {
         let env = init_runtime(&config.ort_dylib_path)?;
         let files = ModelFiles::read(&config.model_dir)?;
         let tokenizer = TextTokenizer::from_file(&files.tokenizer_path)?;
-        let model =
-            DecoderModel::load(&env, &files, &SessionOptions { intra_threads: config.intra_threads })?;
+        let context_length = config
+            .context_length
+            .unwrap_or(DEFAULT_MAX_CONTEXT)
+            .min(files.context_length.unwrap_or(2048))
+            .max(2);
+        let max_active = config.max_active.max(1);
+        let options = SessionOptions {
+            intra_threads: config.intra_threads,
+            pool: PoolOptions {
+                slots: max_active,
+                slot_len: context_length,
+                prefix_cache_bytes: config.prefix_cache_mb.saturating_mul(1 << 20),
+            },
+        };
+        let model = DecoderModel::load(&env, &files, &options)?;
         let mut eos = files.eos_token_ids.clone();
         eos.extend(files.eos_token_text.as_deref().and_then(|t| tokenizer.token_to_id(t)));
-        let context_length = files.context_length.unwrap_or(2048);
         let info = ModelInfo {
             name: files.name.clone(),
             path: files.dir.clone(),
@@ -117,6 +163,7 @@ impl OnnxEngine {
         .map_err(|e| InferenceError::ModelFiles { path: files.dir.clone(), reason: e.to_string() })?;
         let queue_capacity = config.queue_capacity.max(1);
         let interrupt = model.interrupt();
+        let slots = model.slots().unwrap_or(0);
         let (queue, jobs) = mpsc::sync_channel(queue_capacity);
         let shared = Arc::new(Shared::default());
         shared.running.store(true, Ordering::SeqCst);
@@ -125,17 +172,18 @@ impl OnnxEngine {
             tokenizer: tokenizer.clone(),
             eos,
             context_length,
-            max_active: config.max_active.max(1),
+            max_active,
             prefill_chunk: config.prefill_chunk.max(1),
             shared: Arc::clone(&shared),
             active: Vec::new(),
+            pacing: Pacing { pace: config.prefill_pace.max(0.0), ..Pacing::default() },
         };
         // Detached: the worker ends on its own once `stopping` is set or the queue closes.
         std::thread::Builder::new()
             .name(format!("inference-{}", files.name))
             .spawn(move || worker.run(jobs))
             .map_err(|e| InferenceError::Runtime(format!("could not start the worker thread: {e}")))?;
-        Ok(Self { info, chat, tokenizer, queue, queue_capacity, shared, interrupt })
+        Ok(Self { info, chat, tokenizer, queue, queue_capacity, slots, shared, interrupt })
     }
 }
 
@@ -173,7 +221,8 @@ impl Generator for OnnxEngine {
             }
             let (events, receiver) = unbounded_channel();
             shared.queued.fetch_add(1, Ordering::SeqCst);
-            if let Err(e) = queue.try_send(Job { prompt_ids, request, events }) {
+            let job = Job { prompt_ids, request, events, queued_at: Instant::now() };
+            if let Err(e) = queue.try_send(job) {
                 shared.queued.fetch_sub(1, Ordering::SeqCst);
                 return Err(match e {
                     TrySendError::Full(_) => InferenceError::Overloaded { capacity },
@@ -189,13 +238,22 @@ impl Generator for OnnxEngine {
     }
 
     fn stats(&self) -> EngineStats {
+        let s = &self.shared;
         EngineStats {
-            active: self.shared.active.load(Ordering::SeqCst),
-            queued: self.shared.queued.load(Ordering::SeqCst),
+            active: s.active.load(Ordering::SeqCst),
+            queued: s.queued.load(Ordering::SeqCst),
             queue_capacity: self.queue_capacity,
-            tokens_generated: self.shared.tokens_generated.load(Ordering::SeqCst),
-            cancelled: self.shared.cancelled.load(Ordering::SeqCst),
-            completed: self.shared.completed.load(Ordering::SeqCst),
+            tokens_generated: s.tokens_generated.load(Ordering::SeqCst),
+            cancelled: s.cancelled.load(Ordering::SeqCst),
+            completed: s.completed.load(Ordering::SeqCst),
+            slots: self.slots,
+            batch_size: s.batch_size.load(Ordering::SeqCst),
+            peak_batch_size: s.peak_batch_size.load(Ordering::SeqCst),
+            decode_steps: s.decode_steps.load(Ordering::SeqCst),
+            admitted: s.admitted.load(Ordering::SeqCst),
+            queue_wait_micros: s.queue_wait_micros.load(Ordering::SeqCst),
+            prefix_hits: s.prefix_hits.load(Ordering::SeqCst),
+            prefix_tokens_reused: s.prefix_tokens_reused.load(Ordering::SeqCst),
         }
     }
 
@@ -213,23 +271,49 @@ impl Drop for OnnxEngine {
     }
 }
 
-/// One generation in progress, owned by the worker.
-struct Sequence {
-    events: EventSender,
-    cache: KvCache,
-    /// Prompt and generated ids (for the repetition penalty).
-    history: Vec<u32>,
-    /// What the next forward passes consume: the prompt first, then the last sampled token.
-    next_input: Vec<u32>,
-    /// How much of `next_input` has been run (prompt chunks already in the cache).
-    fed: usize,
-    prompt_len: usize,
-    generated: usize,
-    max_tokens: usize,
-    events_sent: usize,
-    sampler: Sampler,
-    decoder: IncrementalDecoder,
-    stop: StopMatcher,
+/// Measured costs that size a prompt chunk while other sequences decode.
+#[derive(Default)]
+struct Pacing {
+    /// Decode steps' time a chunk may take ([`EngineConfig::prefill_pace`]; 0: no limit).
+    pace: f64,
+    /// Recent decode step time, seconds (moving average).
+    decode_secs: Option<f64>,
+    /// Recent prompt cost per token, seconds (moving average over chunks of any size).
+    prefill_secs_per_token: Option<f64>,
+}
+
+impl Pacing {
+    const WEIGHT: f64 = 0.2;
+
+    fn record_decode(&mut self, took: Duration) {
+        self.decode_secs = Some(average(self.decode_secs, took.as_secs_f64()));
+    }
+
+    fn record_prefill(&mut self, tokens: usize, took: Duration) {
+        let per_token = took.as_secs_f64() / tokens.max(1) as f64;
+        self.prefill_secs_per_token = Some(average(self.prefill_secs_per_token, per_token));
+    }
+
+    /// Tokens for the next prompt chunk: `max` when nothing else decodes (or pacing is off);
+    /// otherwise as many as take about `pace` decode steps. The cost per token is measured on chunks
+    /// of the sizes this picks, fixed overhead included, so the size settles where a chunk's time
+    /// matches the budget.
+    fn chunk(&self, others_decoding: bool, max: usize) -> usize {
+        if !others_decoding || self.pace <= 0.0 {
+            return max;
+        }
+        match (self.decode_secs, self.prefill_secs_per_token) {
+            (Some(step), Some(per_token)) if per_token > 0.0 => {
+                ((self.pace * step / per_token) as usize).clamp(1, max)
+            }
+            // Nothing measured yet: a small chunk, then the measurements take over.
+            _ => max.min(16),
+        }
+    }
+}
+
+fn average(previous: Option<f64>, sample: f64) -> f64 {
+    previous.map_or(sample, |p| p + Pacing::WEIGHT * (sample - p))
 }
 
 struct Worker {
@@ -240,26 +324,25 @@ struct Worker {
     max_active: usize,
     prefill_chunk: usize,
     shared: Arc<Shared>,
+    /// In admission order: the first prefilling one runs its prompt first.
     active: Vec<Sequence>,
-}
-
-enum Step {
-    Continue,
-    Finished(FinishReason),
+    pacing: Pacing,
 }
 
 impl Worker {
     fn run(mut self, jobs: Receiver<Job>) {
         loop {
             if self.shared.stopping.load(Ordering::SeqCst) {
-                for seq in self.active.drain(..) {
-                    finish(&self.shared, seq, FinishReason::Cancelled);
+                for seq in std::mem::take(&mut self.active) {
+                    self.finish(seq, Ok(FinishReason::Cancelled));
                 }
                 break;
             }
+            // A client that left frees its slot before anyone is admitted into it.
+            self.drop_cancelled();
             // Idle: block for work. Busy: top up free slots without waiting.
             if self.active.is_empty() {
-                match jobs.recv_timeout(std::time::Duration::from_millis(200)) {
+                match jobs.recv_timeout(Duration::from_millis(200)) {
                     Ok(job) => self.admit(job),
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -271,132 +354,167 @@ impl Worker {
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
-            self.step_all();
+            self.prefill_step();
+            self.decode_step();
+            self.shared.active.store(self.active.len(), Ordering::SeqCst);
         }
         self.shared.active.store(0, Ordering::SeqCst);
         self.shared.running.store(false, Ordering::SeqCst);
     }
 
-    /// Give a queued job a slot: an empty cache, a sampler, a decoder.
+    /// Give a queued job a slot, a sampler and a decoder.
     fn admit(&mut self, job: Job) {
         self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-        let Job { prompt_ids, request, events } = job;
+        let Job { prompt_ids, request, events, queued_at } = job;
         if events.is_closed() {
             self.shared.cancelled.fetch_add(1, Ordering::SeqCst);
             return; // the client left while queued
         }
-        // The cache holds every position this request can reach, reserved once (no growth per token).
-        let capacity = prompt_ids.len().saturating_add(request.max_tokens).min(self.context_length);
-        let cache = match self.model.new_cache(capacity) {
-            Ok(cache) => cache,
+        let cache = match self.model.new_cache() {
+            Ok(Some(cache)) => cache,
+            Ok(None) => {
+                // Unreachable while max_active equals the pool's rows; fail the request, not the worker.
+                let _ = events.send(Err(InferenceError::Runtime("no free KV slot".into())));
+                return;
+            }
             Err(e) => {
                 let _ = events.send(Err(e));
                 return;
             }
         };
-        self.active.push(Sequence {
-            events,
-            cache,
-            prompt_len: prompt_ids.len(),
-            history: prompt_ids.clone(),
-            next_input: prompt_ids,
-            fed: 0,
-            generated: 0,
-            max_tokens: request.max_tokens,
-            events_sent: 0,
-            sampler: Sampler::new(request.sampling),
-            decoder: IncrementalDecoder::new(),
-            stop: StopMatcher::new(request.stop),
-        });
+        self.shared.admitted.fetch_add(1, Ordering::SeqCst);
+        let waited = u64::try_from(queued_at.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.shared.queue_wait_micros.fetch_add(waited, Ordering::SeqCst);
+        self.active.push(Sequence::new(prompt_ids, request, events, cache));
         self.shared.active.store(self.active.len(), Ordering::SeqCst);
     }
 
-    /// One decode step for every active sequence; finished and cancelled ones are removed.
-    fn step_all(&mut self) {
+    /// Sequences whose receiver is gone (the client disconnected) give their slot back now.
+    fn drop_cancelled(&mut self) {
         let mut i = 0;
         while i < self.active.len() {
-            let outcome = if self.active[i].events.is_closed() { None } else { Some(self.step(i)) };
-            match outcome {
-                Some(Ok(Step::Continue)) => i += 1,
-                Some(Ok(Step::Finished(reason))) => {
-                    let seq = self.active.swap_remove(i);
-                    finish(&self.shared, seq, reason);
-                }
-                Some(Err(_)) if self.shared.stopping.load(Ordering::SeqCst) => {
-                    // The run was interrupted by shutdown: the stream ends as cancelled.
-                    let seq = self.active.swap_remove(i);
-                    finish(&self.shared, seq, FinishReason::Cancelled);
-                }
-                Some(Err(e)) => {
-                    let seq = self.active.swap_remove(i);
-                    let _ = seq.events.send(Err(e));
-                }
-                None => {
-                    // Receiver dropped: the client is gone. Dropping the sequence frees its cache.
-                    self.active.swap_remove(i);
-                    self.shared.cancelled.fetch_add(1, Ordering::SeqCst);
-                }
+            if self.active[i].events.is_closed() {
+                let seq = self.active.remove(i);
+                self.model.release(seq.cache, None);
+                self.shared.cancelled.fetch_add(1, Ordering::SeqCst);
+            } else {
+                i += 1;
             }
-            self.shared.active.store(self.active.len(), Ordering::SeqCst);
         }
+        self.shared.active.store(self.active.len(), Ordering::SeqCst);
     }
 
-    fn step(&mut self, i: usize) -> Result<Step> {
+    /// One chunk of the oldest prompt still running.
+    fn prefill_step(&mut self) {
+        let Some(i) = self.active.iter().position(Sequence::is_prefilling) else { return };
+        let others_decoding = self.active.iter().any(|s| !s.is_prefilling());
+        let chunk = self.pacing.chunk(others_decoding, self.prefill_chunk);
+        let outcome = self.prefill(i, chunk);
+        self.settle(vec![(i, outcome)]);
+    }
+
+    fn prefill(&mut self, i: usize, chunk: usize) -> Result<Option<Step>> {
         let seq = &mut self.active[i];
-        let end = seq.next_input.len().min(seq.fed + self.prefill_chunk);
-        let logits = self.model.forward(&seq.next_input[seq.fed..end], &mut seq.cache)?;
-        if end < seq.next_input.len() {
-            seq.fed = end; // more of the prompt to run before anything is sampled
-            return Ok(Step::Continue);
+        if seq.cache.is_empty() {
+            let (prompt, cache) = seq.prompt_and_cache();
+            let reused = self.model.reuse_prefix(prompt, cache)?;
+            if reused > 0 {
+                seq.skip_prompt(reused);
+                self.shared.prefix_hits.fetch_add(1, Ordering::SeqCst);
+                self.shared.prefix_tokens_reused.fetch_add(reused as u64, Ordering::SeqCst);
+            }
         }
-        let id = seq.sampler.sample(logits, &seq.history);
-        seq.generated += 1;
-        seq.history.push(id);
+        let tokens = seq.next_chunk(chunk).to_vec();
+        let n = tokens.len();
+        let started = Instant::now();
+        let logits = self.model.prefill(&tokens, &mut seq.cache)?;
+        let took = started.elapsed();
+        if !seq.fed(n) {
+            self.pacing.record_prefill(n, took);
+            return Ok(None); // more of the prompt to run before anything is sampled
+        }
+        self.pacing.record_prefill(n, took);
+        let rules =
+            TokenRules { tokenizer: &self.tokenizer, eos: &self.eos, context_length: self.context_length };
+        let step = seq.on_logits(logits, &rules)?;
         self.shared.tokens_generated.fetch_add(1, Ordering::Relaxed);
-
-        // Every sampled token yields exactly one Token event. On the last one (EOS, max_tokens,
-        // or a full context) held-back text is flushed into it: an incomplete character decodes
-        // lossily, and a partial stop sequence that never completed is released.
-        let is_eos = self.eos.contains(&id);
-        let at_length = seq.generated >= seq.max_tokens || seq.cache.len() >= self.context_length;
-        let last = is_eos || at_length;
-        let mut delta = if is_eos { String::new() } else { seq.decoder.push(&self.tokenizer, id)? };
-        if last {
-            delta.push_str(&seq.decoder.flush(&self.tokenizer)?);
-        }
-        match seq.stop.push(&delta) {
-            StopCheck::Stopped(text) => {
-                send_text(seq, id, text);
-                return Ok(Step::Finished(FinishReason::Stop));
-            }
-            StopCheck::Continue(mut text) => {
-                if last {
-                    text.push_str(&seq.stop.finish());
-                }
-                send_text(seq, id, text);
-            }
-        }
-        if is_eos {
-            return Ok(Step::Finished(FinishReason::Stop));
-        }
-        if at_length {
-            return Ok(Step::Finished(FinishReason::Length));
-        }
-        seq.next_input.clear();
-        seq.next_input.push(id);
-        seq.fed = 0;
-        Ok(Step::Continue)
+        Ok(Some(step))
     }
-}
 
-fn send_text(seq: &mut Sequence, id: u32, text: String) {
-    let _ = seq.events.send(Ok(GenerationEvent::Token { index: seq.events_sent, id, text }));
-    seq.events_sent += 1;
-}
+    /// One token for every sequence past its prompt, in one forward pass.
+    fn decode_step(&mut self) {
+        let rows: Vec<usize> = (0..self.active.len()).filter(|&i| !self.active[i].is_prefilling()).collect();
+        if rows.is_empty() {
+            return;
+        }
+        // A sequence that finished in this step's prefill is already gone: `rows` is fresh.
+        let ids: Vec<u32> = rows.iter().map(|&i| self.active[i].last_token()).collect();
+        self.shared.batch_size.store(rows.len(), Ordering::SeqCst);
+        self.shared.peak_batch_size.fetch_max(rows.len(), Ordering::SeqCst);
+        self.shared.decode_steps.fetch_add(1, Ordering::SeqCst);
+        let started = Instant::now();
+        let Self { model, active, tokenizer, eos, context_length, shared, pacing, .. } = self;
+        let mut caches: Vec<_> = active
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| rows.contains(i))
+            .map(|(_, s)| &mut s.cache)
+            .collect();
+        let outcomes = match model.decode(&mut caches, &ids) {
+            Ok(logits) => {
+                pacing.record_decode(started.elapsed());
+                let rules = TokenRules { tokenizer, eos, context_length: *context_length };
+                let vocab = logits.len() / rows.len().max(1);
+                rows.iter()
+                    .zip(logits.chunks_exact_mut(vocab.max(1)))
+                    .map(|(&i, row)| {
+                        let outcome = active[i].on_logits(row, &rules).map(Some);
+                        shared.tokens_generated.fetch_add(1, Ordering::Relaxed);
+                        (i, outcome)
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                let message = e.to_string();
+                rows.iter().map(|&i| (i, Err(InferenceError::Runtime(message.clone())))).collect()
+            }
+        };
+        self.settle(outcomes);
+    }
 
-/// The final event; dropping the sequence frees its KV cache.
-fn finish(shared: &Shared, seq: Sequence, reason: FinishReason) {
-    let usage = Usage { prompt_tokens: seq.prompt_len, completion_tokens: seq.generated };
-    let _ = seq.events.send(Ok(GenerationEvent::Finished { reason, usage }));
-    shared.completed.fetch_add(1, Ordering::SeqCst);
+    /// Remove the sequences that finished or failed (highest index first, so the others' indices
+    /// hold), freeing their slots.
+    fn settle(&mut self, mut outcomes: Vec<(usize, Result<Option<Step>>)>) {
+        outcomes.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, outcome) in outcomes {
+            let end = match outcome {
+                Ok(None | Some(Step::Continue)) => continue,
+                Ok(Some(Step::Finished(reason))) => Ok(reason),
+                // The run was interrupted by shutdown: the stream ends as cancelled.
+                Err(_) if self.shared.stopping.load(Ordering::SeqCst) => Ok(FinishReason::Cancelled),
+                Err(e) => Err(e),
+            };
+            let seq = self.active.remove(i);
+            self.finish(seq, end);
+        }
+        self.shared.active.store(self.active.len(), Ordering::SeqCst);
+    }
+
+    /// The final event (or the error), then the slot goes back; a sequence that completed offers
+    /// its cached positions for prefix reuse.
+    fn finish(&mut self, seq: Sequence, end: Result<FinishReason>) {
+        let keep = match end {
+            Ok(reason) => {
+                seq.send_finished(reason);
+                self.shared.completed.fetch_add(1, Ordering::SeqCst);
+                reason != FinishReason::Cancelled
+            }
+            Err(e) => {
+                let _ = seq.events.send(Err(e));
+                false
+            }
+        };
+        let tokens = keep.then(|| seq.cached_tokens().to_vec());
+        self.model.release(seq.cache, tokens.as_deref());
+    }
 }

@@ -7,11 +7,14 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::{FutureExt, StreamExt};
+use streamgate_inference::model::fused::PoolOptions;
 use streamgate_inference::model::{DecoderModel, Layout, SessionOptions};
 use streamgate_inference::model_files::ModelFiles;
 use streamgate_inference::runtime::init_runtime;
 use streamgate_inference::tokenizer::TextTokenizer;
-use streamgate_inference::{FinishReason, GenerationEvent, Generator, InferenceError, SamplingParams};
+use streamgate_inference::{
+    EngineConfig, FinishReason, GenerationEvent, Generator, InferenceError, OnnxEngine, SamplingParams,
+};
 
 const PROMPT: &str = "<|im_start|>user\nStreaming tokens to the browser<|im_end|>\n<|im_start|>assistant\n";
 
@@ -25,23 +28,26 @@ fn finished(events: &[GenerationEvent]) -> (FinishReason, usize, usize) {
 }
 
 /// Decoding from the cache gives the logits of recomputing the whole sequence, for both layouts:
-/// the fused one writes each new position into its preallocated buffer in place.
+/// the fused one writes each new position into its pool row in place.
 fn check_kv_cache_matches_full_recomputation(model_dir: &std::path::Path, layout: Layout) {
     let env = init_runtime(&ort_dylib()).expect("runtime");
     let files = ModelFiles::read(model_dir).expect("files");
     let tok = TextTokenizer::from_file(&files.tokenizer_path).expect("tokenizer");
-    let mut model = DecoderModel::load(&env, &files, &SessionOptions { intra_threads: 1 }).expect("model");
-    assert_eq!(model.layout(), layout);
     let mut ids = tok.encode(PROMPT).expect("encode");
-    let capacity = ids.len() + 12;
+    let pool = PoolOptions { slots: 2, slot_len: ids.len() + 12, prefix_cache_bytes: 0 };
+    let options = SessionOptions { intra_threads: 1, pool };
+    let mut model = DecoderModel::load(&env, &files, &options).expect("model");
+    assert_eq!(model.layout(), layout);
+    let new_cache = |model: &mut DecoderModel| model.new_cache().expect("cache").expect("a free slot");
 
     // A prompt run in two chunks leaves the cache and logits of running it at once.
-    let mut cache = model.new_cache(capacity).expect("cache");
-    let whole = model.forward(&ids, &mut cache).expect("prefill").to_vec();
-    let mut cache = model.new_cache(capacity).expect("cache");
+    let mut cache = new_cache(&mut model);
+    let whole = model.prefill(&ids, &mut cache).expect("prefill").to_vec();
+    model.release(cache, None);
+    let mut cache = new_cache(&mut model);
     let half = ids.len() / 2;
-    model.forward(&ids[..half], &mut cache).expect("first chunk");
-    let mut logits = model.forward(&ids[half..], &mut cache).expect("second chunk").to_vec();
+    model.prefill(&ids[..half], &mut cache).expect("first chunk");
+    let mut logits = model.prefill(&ids[half..], &mut cache).expect("second chunk").to_vec();
     let chunk_diff = whole.iter().zip(&logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(chunk_diff < 1e-4, "chunked and one-shot prefill differ by {chunk_diff}");
     assert_eq!(cache.len(), ids.len());
@@ -50,18 +56,19 @@ fn check_kv_cache_matches_full_recomputation(model_dir: &std::path::Path, layout
     for _ in 0..12 {
         let next = streamgate_inference::sampling::argmax(&logits);
         ids.push(next);
-        logits = model.forward(&[next], &mut cache).expect("decode").to_vec();
+        logits = model.decode(&mut [&mut cache], &[next]).expect("decode").to_vec();
         assert_eq!(cache.len(), ids.len());
-        // Reference: the whole sequence from scratch, no cache.
-        let mut fresh = model.new_cache(capacity).expect("cache");
-        let full = model.forward(&ids, &mut fresh).expect("full");
+        // Reference: the whole sequence from scratch, no cache, in the other slot.
+        let mut fresh = new_cache(&mut model);
+        let full = model.prefill(&ids, &mut fresh).expect("full").to_vec();
+        model.release(fresh, None);
         let max_diff = logits.iter().zip(full.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(max_diff < 1e-4, "cached and recomputed logits differ by {max_diff}");
     }
-    // A cache never grows past what it was made for: a clear error, not a reallocation.
-    let err = model.forward(&[0], &mut cache).err();
+    // A slot never grows past its length: a clear error, not a reallocation.
     if layout == Layout::Fused {
-        assert!(err.is_some_and(|e| e.to_string().contains("do not fit")), "a full fused cache must refuse");
+        let err = model.decode(&mut [&mut cache], &[0]).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("do not fit")), "a full slot must refuse");
     }
 }
 
@@ -292,4 +299,116 @@ async fn concurrent_streams_interleave_round_robin() {
     }
     let (_, _, completed_when_b_started) = order.iter().find(|(s, ..)| *s == 'b').copied().unwrap();
     assert_eq!(completed_when_b_started, 0, "B's first token came only after A finished: not interleaved");
+}
+
+/// Eight different prompts decoded together (one forward pass per step for all of them) give each
+/// exactly the tokens it gets alone, in both layouts.
+#[tokio::test]
+async fn concurrent_prompts_get_exactly_their_solo_tokens() {
+    let prompts: Vec<String> = [
+        "The quick brown fox",
+        "Streaming tokens to the browser",
+        "A",
+        "Once upon a time, in a land far away, there lived",
+        "1 2 3 4 5",
+        "<|im_start|>user\nWhat is rust?<|im_end|>\n<|im_start|>assistant\n",
+        "server-sent events",
+        "Hello hello hello hello",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    for dir in [tiny_fused_model_dir(), tiny_model_dir()] {
+        let solo = engine_with(&dir, 1, 8, 512);
+        let mut alone = Vec::new();
+        for p in &prompts {
+            alone.push(text_and_ids(&generate(&solo, request(p, 24)).await).1);
+        }
+        let batched = engine_with(&dir, 8, 8, 512);
+        let mut streams = Vec::new();
+        for p in &prompts {
+            streams.push(batched.generate(request(p, 24)).await.expect("admitted"));
+        }
+        let together: Vec<_> = futures_util::future::join_all(streams.into_iter().map(collect)).await;
+        for (i, events) in together.iter().enumerate() {
+            assert_eq!(text_and_ids(events).1, alone[i], "prompt {i} in {}", dir.display());
+        }
+        let stats = batched.stats();
+        if dir == tiny_fused_model_dir() {
+            // Batched, not round-robin: round-robin takes one forward pass per token after each
+            // prompt's first (sampled from its prefill); batching takes far fewer.
+            let round_robin = stats.tokens_generated - prompts.len() as u64;
+            assert!(stats.peak_batch_size >= 2, "not batched: {stats:?}");
+            assert!(stats.decode_steps * 4 < round_robin * 3, "not batched: {stats:?}");
+            assert_eq!(stats.slots, 8);
+        }
+    }
+}
+
+/// A client that leaves gives its KV slot to the next queued request at the next step.
+#[tokio::test]
+async fn a_cancelled_sequence_frees_its_slot_for_the_queue() {
+    let engine = engine_with(&tiny_fused_model_dir(), 2, 8, 512);
+    let mut a = engine.generate(request(PROMPT, 250)).await.expect("a");
+    let mut b = engine.generate(request("The quick brown fox", 250)).await.expect("b");
+    assert!(matches!(a.next().await, Some(Ok(GenerationEvent::Token { .. }))));
+    assert!(matches!(b.next().await, Some(Ok(GenerationEvent::Token { .. }))));
+    // Both slots are taken: C waits in the queue.
+    let mut c = engine.generate(request("server-sent events", 4)).await.expect("c queued");
+    drop(b);
+    // C's first token comes while A still runs: B's slot went to C, not to A's end.
+    assert!(matches!(c.next().await, Some(Ok(GenerationEvent::Token { .. }))));
+    let stats = engine.stats();
+    assert_eq!(stats.cancelled, 1, "{stats:?}");
+    assert_eq!(stats.completed, 0, "A still runs: {stats:?}");
+    drop(a.next().await);
+    assert!(matches!(collect(c).await.last(), Some(GenerationEvent::Finished { .. })));
+}
+
+/// The second turn of a conversation starts from the first turn's cached positions and generates
+/// exactly what recomputing the whole prompt generates.
+#[tokio::test]
+async fn a_conversations_next_turn_reuses_its_prefix_exactly() {
+    let dir = tiny_fused_model_dir();
+    let cached = engine_with(&dir, 2, 4, 512);
+    let first = text_and_ids(&generate(&cached, request(PROMPT, 20)).await).0;
+    let second_turn =
+        format!("{PROMPT}{first}<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n");
+    let reused = text_and_ids(&generate(&cached, request(&second_turn, 20)).await);
+    let stats = cached.stats();
+    assert_eq!(stats.prefix_hits, 1, "{stats:?}");
+    assert!(stats.prefix_tokens_reused >= 16, "{stats:?}");
+
+    let uncached = OnnxEngine::start(&EngineConfig { prefix_cache_mb: 0, ..config_for(&dir, 2, 4, 512) })
+        .expect("engine");
+    let recomputed = text_and_ids(&generate(&uncached, request(&second_turn, 20)).await);
+    assert_eq!(uncached.stats().prefix_hits, 0);
+    assert!(!reused.1.is_empty());
+    assert_eq!(reused, recomputed, "reusing the prefix changed the output");
+}
+
+/// While a long prompt is processed, a running stream keeps getting tokens: the prompt runs in
+/// chunks paced to the decode step, not in one pass.
+#[tokio::test]
+async fn a_long_prompt_does_not_stall_running_streams() {
+    let engine = engine_with(&tiny_fused_model_dir(), 2, 4, 512);
+    let mut running = engine.generate(request(PROMPT, 250)).await.expect("running");
+    assert!(matches!(running.next().await, Some(Ok(GenerationEvent::Token { .. }))));
+    let long = "tokens stream to the browser as they are made ".repeat(9);
+    let mut newcomer = engine.generate(request(&long, 2)).await.expect("newcomer");
+    let mut during = 0;
+    loop {
+        tokio::select! {
+            biased;
+            first = newcomer.next() => {
+                assert!(matches!(first, Some(Ok(GenerationEvent::Token { .. }))));
+                break;
+            }
+            Some(event) = running.next() => {
+                assert!(matches!(event, Ok(GenerationEvent::Token { .. })), "{event:?}");
+                during += 1;
+            }
+        }
+    }
+    assert!(during >= 2, "the running stream got {during} tokens while a long prompt was processed");
 }

@@ -22,6 +22,9 @@ fn start(dir: &Path) -> Result<OnnxEngine, InferenceError> {
         max_active: 1,
         queue_capacity: 1,
         prefill_chunk: streamgate_inference::DEFAULT_PREFILL_CHUNK,
+        context_length: None,
+        prefix_cache_mb: 64,
+        prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
     })
 }
 

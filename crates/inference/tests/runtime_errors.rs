@@ -15,6 +15,9 @@ fn config(model_dir: std::path::PathBuf, dylib: std::path::PathBuf) -> EngineCon
         max_active: 1,
         queue_capacity: 1,
         prefill_chunk: streamgate_inference::DEFAULT_PREFILL_CHUNK,
+        context_length: None,
+        prefix_cache_mb: 64,
+        prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
     }
 }
 

@@ -96,6 +96,9 @@ fn tiny_state_with_logger(args: &[&str], logger: slog::Logger) -> web::Data<AppS
             max_active: s.max_active_sequences,
             queue_capacity: s.queue_capacity,
             prefill_chunk: streamgate_inference::DEFAULT_PREFILL_CHUNK,
+            context_length: None,
+            prefix_cache_mb: 64,
+            prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
         })
         .expect("tiny model loads (run `make setup`)");
         models.insert(version, Arc::new(engine) as Arc<dyn Generator>);

@@ -1,42 +1,43 @@
 //! The fused layout (scripts/model_prep/llama_fused.py): one graph of ONNX Runtime contrib ops
-//! whose `GroupQueryAttention` writes new positions into the very KV buffer it reads.
+//! whose `GroupQueryAttention` writes new positions into the very KV buffer it reads, with a pool
+//! of cache rows ("slots") that a decode step feeds together.
 //!
 //! ```text
 //! input_ids               i64 [batch, seq]
-//! seqlens_k               i32 [batch]          positions cached after this run, minus 1
-//! total_sequence_length   i32 []
-//! past_key_values.{i}.key f32 [batch, kv_heads, capacity, head_dim]   (and .value)
-//! -> logits               f32 [batch, 1, vocab]                       last position only
-//! -> present.{i}.key      f32 [batch, kv_heads, capacity, head_dim]   bound to the past buffer
+//! slots                   i64 [batch]          the cache row each input row extends
+//! seqlens_k               i32 [rows]           positions cached after this run, minus 1, per row
+//! total_sequence_length   i32 []               max over rows of seqlens_k + 1
+//! past_key_values.{i}.key f32 [rows, kv_heads, slot_len, head_dim]   (and .value)
+//! -> logits               f32 [batch, 1, vocab]                     last position only
+//! -> present.{i}.key      f32 [rows, kv_heads, slot_len, head_dim]   bound to the past buffer
 //! ```
 //!
-//! Each sequence owns an [`IoBinding`] made once, when its cache is created: every KV buffer is
-//! bound as both `past_key_values.*` and `present.*`, the logits output to the model's one
-//! preallocated buffer, and three tiny input tensors whose contents are rewritten in place. A
-//! decode step therefore binds nothing, allocates no tensor and copies no cache; its cost does not
-//! grow with the position beyond attention itself. The logits are read where ONNX Runtime wrote them.
+//! Two sets of buffers, each bound once (as both `past_key_values.*` and `present.*`) in its own
+//! [`IoBinding`]:
+//! - the **pool**, `[slots, ...]`: every decoding sequence owns one row. A decode step runs all
+//!   decoding sequences in one pass (`slots` says which rows; idle rows cost one position of
+//!   attention); nothing moves when a sequence joins or leaves.
+//! - the **staging** row, `[1, ...]`: prompts run here, one chunk per call, because
+//!   GroupQueryAttention takes a prompt chunk with a past only for a single row. Before the
+//!   sequence's first decode step its positions are copied into its pool row (once per prompt).
+//!
+//! A finished sequence's positions go to the [`PrefixCache`]; a new prompt that starts with the
+//! same tokens gets them copied into staging and runs only the rest.
 
-use ort::memory::Allocator;
+use ort::memory::{Allocator, MemoryInfo};
 use ort::session::{IoBinding, Session};
-use ort::value::{Tensor, TensorElementType};
+use ort::value::{DynValue, Tensor, TensorElementType, TensorRefMut};
 
+use super::prefix_cache::PrefixCache;
 use super::{CacheIo, Interrupt, ModelShape, unsupported};
 use crate::error::{InferenceError, Result};
 use crate::model_files::ModelFiles;
 
-/// One sequence's KV buffers and the binding that feeds them to the graph.
+/// One sequence's place in the model: its pool row and how many positions it has cached.
+#[derive(Debug)]
 pub struct Cache {
-    binding: IoBinding,
-    /// `[k0, v0, k1, v1, ...]`, each `[1, kv_heads, capacity, head_dim]`; also held by `binding`.
-    _kv: Vec<Tensor<f32>>,
-    /// The decode step's one input id, rewritten in place.
-    next_id: Tensor<i64>,
-    seqlens_k: Tensor<i32>,
-    total_len: Tensor<i32>,
-    /// Whether `input_ids` is bound to `next_id` (rather than to a prompt chunk).
-    decoding: bool,
+    slot: usize,
     len: usize,
-    capacity: usize,
 }
 
 impl Cache {
@@ -45,24 +46,79 @@ impl Cache {
     }
 }
 
+/// `[k0, v0, k1, v1, ...]` buffers of `rows` cache rows, and the binding that feeds them.
+struct Buffers {
+    binding: IoBinding,
+    kv: Vec<Tensor<f32>>,
+    seqlens_k: Tensor<i32>,
+    total_len: Tensor<i32>,
+    rows: usize,
+}
+
+/// How big the pool is and how much prefix cache to keep: settings, not model facts.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// Pool rows: sequences decoded together.
+    pub slots: usize,
+    /// Positions per row (the longest sequence, prompt plus output).
+    pub slot_len: usize,
+    /// Bytes of finished sequences' KV kept for prefix reuse (0: off).
+    pub prefix_cache_bytes: usize,
+}
+
+/// Finished sequences shorter than this are not kept for reuse (recomputing them is cheap).
+const MIN_PREFIX_TOKENS: usize = 16;
+
 /// A fused-layout session, owned by one worker thread.
 pub struct FusedModel {
     session: Session,
     shape: ModelShape,
     interrupt: Interrupt,
-    past_names: Vec<String>,
-    present_names: Vec<String>,
-    /// `[1, 1, vocab]`, bound as the `logits` output of every sequence's binding.
-    logits: Tensor<f32>,
+    slot_len: usize,
+    pool: Buffers,
+    staging: Buffers,
+    /// `[1, 1, vocab]`, the staging binding's logits.
+    staging_logits: Tensor<f32>,
+    /// The last decode step's logits, `[batch, 1, vocab]` (allocated by ONNX Runtime per step).
+    batch_logits: Option<DynValue>,
+    /// The pool row whose sequence's positions are in staging (its prompt is running).
+    staged: Option<usize>,
+    free: Vec<usize>,
+    prefixes: PrefixCache,
 }
 
 impl FusedModel {
-    pub(super) fn new(session: Session, files: &ModelFiles, interrupt: Interrupt) -> Result<Self> {
+    pub(super) fn new(
+        session: Session,
+        files: &ModelFiles,
+        interrupt: Interrupt,
+        options: &PoolOptions,
+    ) -> Result<Self> {
         let shape = discover_shape(&session, files)?;
         let (past_names, present_names) = shape.cache_names();
-        let logits = Tensor::<f32>::new(&Allocator::default(), [1usize, 1, shape.vocab_size])
-            .map_err(InferenceError::runtime)?;
-        Ok(Self { session, shape, interrupt, past_names, present_names, logits })
+        let slots = options.slots.max(1);
+        let slot_len = options.slot_len.max(1);
+        let rt = InferenceError::runtime;
+        let pool = Buffers::new(&session, &shape, &past_names, &present_names, slots, slot_len)?;
+        let mut staging = Buffers::new(&session, &shape, &past_names, &present_names, 1, slot_len)?;
+        let mut staging_logits =
+            Tensor::<f32>::new(&Allocator::default(), [1usize, 1, shape.vocab_size]).map_err(rt)?;
+        staging.binding.bind_output("logits", &mut staging_logits).map_err(rt)?;
+        let row_zero = Tensor::from_array(([1usize], vec![0i64])).map_err(rt)?;
+        staging.binding.bind_input("slots", &row_zero).map_err(rt)?;
+        Ok(Self {
+            session,
+            interrupt,
+            slot_len,
+            pool,
+            staging,
+            staging_logits,
+            batch_logits: None,
+            staged: None,
+            free: (0..slots).rev().collect(),
+            prefixes: PrefixCache::new(options.prefix_cache_bytes, MIN_PREFIX_TOKENS),
+            shape,
+        })
     }
 
     pub fn shape(&self) -> &ModelShape {
@@ -73,60 +129,246 @@ impl FusedModel {
         self.interrupt.clone()
     }
 
-    /// KV buffers for `capacity` positions (uninitialized: the graph reads only positions it has
-    /// written), bound once as both past and present.
-    pub fn new_cache(&mut self, capacity: usize) -> Result<Cache> {
-        let capacity = capacity.max(1);
+    /// Pool rows: how many sequences can decode together.
+    pub fn slots(&self) -> usize {
+        self.pool.rows
+    }
+
+    /// Rows not held by a sequence.
+    pub fn free_slots(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Positions a sequence can hold.
+    pub fn slot_len(&self) -> usize {
+        self.slot_len
+    }
+
+    /// Bytes of KV held for prefix reuse now.
+    pub fn prefix_cache_bytes(&self) -> usize {
+        self.prefixes.bytes()
+    }
+
+    /// A pool row for a new sequence, or `None` when every row is taken.
+    pub fn new_cache(&mut self) -> Option<Cache> {
+        self.free.pop().map(|slot| Cache { slot, len: 0 })
+    }
+
+    /// Give a sequence's row back. With `tokens` (the ids of its cached positions), its keys and
+    /// values are kept for prefix reuse first.
+    pub fn release(&mut self, cache: Cache, tokens: Option<&[u32]>) {
+        if let Some(tokens) = tokens.filter(|t| t.len() == cache.len && !t.is_empty()) {
+            let (source, row) =
+                if self.staged == Some(cache.slot) { (&self.staging, 0) } else { (&self.pool, cache.slot) };
+            if let Some(kv) = source.read_rows(row, cache.len, self.slot_len, &self.shape) {
+                self.prefixes.insert(tokens.to_vec(), kv);
+            }
+        }
+        if self.staged == Some(cache.slot) {
+            self.staged = None;
+        }
+        self.free.push(cache.slot);
+    }
+
+    /// Before a prompt's first chunk: copy the longest cached prefix of `prompt` into staging and
+    /// return how many positions were reused (the caller runs only the rest).
+    pub fn reuse_prefix(&mut self, prompt: &[u32], cache: &mut Cache) -> Result<usize> {
+        if cache.len != 0 {
+            return Ok(0);
+        }
+        self.take_staging(cache)?;
+        let Some((entry, shared)) = self.prefixes.lookup(prompt) else { return Ok(0) };
+        let entry_len = entry.tokens().len();
+        self.staging.write_rows(0, entry.kv(), entry_len, shared, self.slot_len, &self.shape)?;
+        cache.len = shared;
+        Ok(shared)
+    }
+
+    /// Run a prompt chunk at positions `cache.len()..` in staging; the last position's logits, in place.
+    pub fn prefill(&mut self, tokens: &[u32], cache: &mut Cache) -> Result<&mut [f32]> {
         let rt = InferenceError::runtime;
-        let dims = [1usize, self.shape.kv_heads, capacity, self.shape.head_dim];
-        let mut binding = self.session.create_binding().map_err(rt)?;
-        let mut kv = Vec::with_capacity(self.past_names.len());
-        for (past, present) in self.past_names.iter().zip(&self.present_names) {
-            let mut buffer = Tensor::<f32>::new(&Allocator::default(), dims).map_err(rt)?;
+        self.take_staging(cache)?;
+        let total = self.check_fits(cache.len, tokens.len())?;
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let chunk = Tensor::from_array(([1usize, ids.len()], ids)).map_err(rt)?;
+        self.staging.binding.bind_input("input_ids", &chunk).map_err(rt)?;
+        self.staging.seqlens_k.extract_tensor_mut().1[0] = total - 1;
+        self.staging.total_len.extract_tensor_mut().1[0] = total;
+        drop(self.session.run_binding_with_options(&self.staging.binding, &self.interrupt.0).map_err(rt)?);
+        cache.len += tokens.len();
+        Ok(self.staging_logits.extract_tensor_mut().1)
+    }
+
+    /// One decode step for every sequence in `caches` (`ids[i]` at position `caches[i].len()`), in
+    /// one forward pass; their logits, `[caches.len() * vocab]`, in place.
+    pub fn decode(&mut self, caches: &mut [&mut Cache], ids: &[u32]) -> Result<&mut [f32]> {
+        let rt = InferenceError::runtime;
+        if caches.len() != ids.len() || caches.is_empty() {
+            return Err(InferenceError::Runtime("a decode step needs one token per sequence".into()));
+        }
+        for cache in caches.iter() {
+            if self.staged == Some(cache.slot) {
+                self.commit_staging(cache)?;
+            }
+        }
+        let totals = caches.iter().map(|c| self.check_fits(c.len, 1)).collect::<Result<Vec<_>>>()?;
+        let total = totals.iter().copied().max().unwrap_or(1);
+        let seqlens = self.pool.seqlens_k.extract_tensor_mut().1;
+        seqlens.fill(0); // idle rows: one position of attention, in their own free row
+        for (cache, row_total) in caches.iter().zip(&totals) {
+            let row = seqlens
+                .get_mut(cache.slot)
+                .ok_or_else(|| InferenceError::Runtime("a cache row outside the pool".into()))?;
+            *row = row_total - 1;
+        }
+        self.pool.total_len.extract_tensor_mut().1[0] = total;
+        let ids: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
+        let slots: Vec<i64> = caches.iter().map(|c| c.slot as i64).collect();
+        let batch = ids.len();
+        let input_ids = Tensor::from_array(([batch, 1usize], ids)).map_err(rt)?;
+        let slots = Tensor::from_array(([batch], slots)).map_err(rt)?;
+        self.pool.binding.bind_input("input_ids", &input_ids).map_err(rt)?;
+        self.pool.binding.bind_input("slots", &slots).map_err(rt)?;
+        // The batch changes from step to step: ONNX Runtime allocates this step's logits (a bound
+        // tensor would fix their shape).
+        self.pool.binding.bind_output_to_device("logits", &MemoryInfo::default()).map_err(rt)?;
+        let mut outputs =
+            self.session.run_binding_with_options(&self.pool.binding, &self.interrupt.0).map_err(rt)?;
+        let logits = outputs
+            .remove("logits")
+            .ok_or_else(|| InferenceError::Runtime("the model produced no 'logits' output".into()))?;
+        drop(outputs);
+        for cache in caches.iter_mut() {
+            cache.len += 1;
+        }
+        let logits = self.batch_logits.insert(logits);
+        let (_, data) = logits.try_extract_tensor_mut::<f32>().map_err(rt)?;
+        let want = batch * self.shape.vocab_size;
+        let got = data.len();
+        data.get_mut(..want)
+            .ok_or_else(|| InferenceError::Runtime(format!("expected {want} logits, got {got}")))
+    }
+
+    /// Staging belongs to one prompt at a time.
+    fn take_staging(&mut self, cache: &Cache) -> Result<()> {
+        match self.staged {
+            Some(slot) if slot == cache.slot => Ok(()),
+            Some(_) => Err(InferenceError::Runtime("another prompt is being processed".into())),
+            None if cache.len == 0 => {
+                self.staged = Some(cache.slot);
+                Ok(())
+            }
+            None => Err(InferenceError::Runtime("this sequence's prompt is already processed".into())),
+        }
+    }
+
+    /// Move the staged prompt's positions into its pool row.
+    fn commit_staging(&mut self, cache: &Cache) -> Result<()> {
+        let (rows, kv_heads, head_dim) = (self.slot_len, self.shape.kv_heads, self.shape.head_dim);
+        let span = cache.len * head_dim;
+        for (src, dst) in self.staging.kv.iter().zip(self.pool.kv.iter_mut()) {
+            let src = src.extract_tensor().1;
+            let dst = dst.extract_tensor_mut().1;
+            for head in 0..kv_heads {
+                let from = head * rows * head_dim;
+                let to = (cache.slot * kv_heads + head) * rows * head_dim;
+                let (Some(s), Some(d)) = (src.get(from..from + span), dst.get_mut(to..to + span)) else {
+                    return Err(InferenceError::Runtime("a cache copy fell outside its buffer".into()));
+                };
+                d.copy_from_slice(s);
+            }
+        }
+        self.staged = None;
+        Ok(())
+    }
+
+    /// `len + new` positions as the graph's i32, if they fit a row.
+    fn check_fits(&self, len: usize, new: usize) -> Result<i32> {
+        let total = len + new;
+        if total > self.slot_len {
+            return Err(InferenceError::Runtime(format!(
+                "{total} positions do not fit a cache row of {}",
+                self.slot_len
+            )));
+        }
+        i32::try_from(total).map_err(|_| InferenceError::Runtime("sequence too long".into()))
+    }
+}
+
+impl Buffers {
+    /// Uninitialized buffers (the graph reads only positions it has written), bound once as both
+    /// past and present, with in-place `seqlens_k` and `total_sequence_length` inputs.
+    fn new(
+        session: &Session,
+        shape: &ModelShape,
+        past_names: &[String],
+        present_names: &[String],
+        rows: usize,
+        slot_len: usize,
+    ) -> Result<Self> {
+        let rt = InferenceError::runtime;
+        let dims = [rows, shape.kv_heads, slot_len, shape.head_dim];
+        let mut binding = session.create_binding().map_err(rt)?;
+        let mut kv = Vec::with_capacity(past_names.len());
+        let len = dims.iter().product();
+        for (past, present) in past_names.iter().zip(present_names) {
+            // Zeroed by the allocator on demand: a page costs memory only once a position in it
+            // is written. Owned by the tensor (so binding it as an input copies nothing); the
+            // output is a view of the same memory, which makes GroupQueryAttention write in place.
+            let mut buffer = Tensor::from_array((dims, vec![0f32; len])).map_err(rt)?;
             binding.bind_input(past.as_str(), &buffer).map_err(rt)?;
-            binding.bind_output(present.as_str(), &mut buffer).map_err(rt)?;
+            let view =
+                TensorRefMut::from_array_view_mut((dims, buffer.extract_tensor_mut().1)).map_err(rt)?;
+            binding.bind_output(present.as_str(), view).map_err(rt)?;
             kv.push(buffer);
         }
-        binding.bind_output("logits", &mut self.logits).map_err(rt)?;
-        let next_id = Tensor::from_array(([1usize, 1], vec![0i64])).map_err(rt)?;
-        let seqlens_k = Tensor::from_array(([1usize], vec![0i32])).map_err(rt)?;
+        let seqlens_k = Tensor::from_array(([rows], vec![0i32; rows])).map_err(rt)?;
         let total_len = Tensor::from_array((Vec::<usize>::new(), vec![0i32])).map_err(rt)?;
         binding.bind_input("seqlens_k", &seqlens_k).map_err(rt)?;
         binding.bind_input("total_sequence_length", &total_len).map_err(rt)?;
-        Ok(Cache { binding, _kv: kv, next_id, seqlens_k, total_len, decoding: false, len: 0, capacity })
+        Ok(Self { binding, kv, seqlens_k, total_len, rows })
     }
 
-    /// Run `tokens` at positions `cache.len()..` and return the last one's logits, in place.
-    pub fn forward(&mut self, tokens: &[u32], cache: &mut Cache) -> Result<&mut [f32]> {
-        let rt = InferenceError::runtime;
-        let total = cache.len + tokens.len();
-        if total > cache.capacity {
-            return Err(InferenceError::Runtime(format!(
-                "{total} positions do not fit this sequence's cache of {}",
-                cache.capacity
-            )));
-        }
-        let total_i32 =
-            i32::try_from(total).map_err(|_| InferenceError::Runtime("sequence too long".into()))?;
-        if let [id] = tokens {
-            cache.next_id.extract_tensor_mut().1[0] = i64::from(*id);
-            if !cache.decoding {
-                cache.binding.bind_input("input_ids", &cache.next_id).map_err(rt)?;
-                cache.decoding = true;
+    /// Row `row`'s first `len` positions, compact: `[tensor][kv_head][position][head_dim]`.
+    fn read_rows(&self, row: usize, len: usize, slot_len: usize, shape: &ModelShape) -> Option<Vec<f32>> {
+        let span = len * shape.head_dim;
+        let mut out = Vec::with_capacity(self.kv.len() * shape.kv_heads * span);
+        for tensor in &self.kv {
+            let data = tensor.extract_tensor().1;
+            for head in 0..shape.kv_heads {
+                let from = (row * shape.kv_heads + head) * slot_len * shape.head_dim;
+                out.extend_from_slice(data.get(from..from + span)?);
             }
-        } else {
-            // A prompt (chunk): its own tensor, once per prompt; the binding keeps it alive.
-            let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-            let chunk = Tensor::from_array(([1usize, ids.len()], ids)).map_err(rt)?;
-            cache.binding.bind_input("input_ids", &chunk).map_err(rt)?;
-            cache.decoding = false;
         }
-        cache.seqlens_k.extract_tensor_mut().1[0] = total_i32 - 1;
-        cache.total_len.extract_tensor_mut().1[0] = total_i32;
-        // The outputs are the bound buffers; nothing to take from the returned map.
-        drop(self.session.run_binding_with_options(&cache.binding, &self.interrupt.0).map_err(rt)?);
-        cache.len = total;
-        Ok(self.logits.extract_tensor_mut().1)
+        Some(out)
+    }
+
+    /// Write the first `take` positions of a compact entry of `entry_len` positions into row `row`.
+    fn write_rows(
+        &mut self,
+        row: usize,
+        entry: &[f32],
+        entry_len: usize,
+        take: usize,
+        slot_len: usize,
+        shape: &ModelShape,
+    ) -> Result<()> {
+        let (kv_heads, head_dim) = (shape.kv_heads, shape.head_dim);
+        let take = take.min(entry_len).min(slot_len);
+        for (t, tensor) in self.kv.iter_mut().enumerate() {
+            let data = tensor.extract_tensor_mut().1;
+            for head in 0..kv_heads {
+                let from = (t * kv_heads + head) * entry_len * head_dim;
+                let to = (row * kv_heads + head) * slot_len * head_dim;
+                let (Some(s), Some(d)) =
+                    (entry.get(from..from + take * head_dim), data.get_mut(to..to + take * head_dim))
+                else {
+                    return Err(InferenceError::Runtime("a prefix copy fell outside its buffer".into()));
+                };
+                d.copy_from_slice(s);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -136,13 +378,16 @@ fn discover_shape(session: &Session, files: &ModelFiles) -> Result<ModelShape> {
     let inputs = session.inputs();
     for (name, ty) in [
         ("input_ids", TensorElementType::Int64),
+        ("slots", TensorElementType::Int64),
         ("seqlens_k", TensorElementType::Int32),
         ("total_sequence_length", TensorElementType::Int32),
     ] {
-        let found = inputs
-            .iter()
-            .find(|i| i.name() == name)
-            .ok_or_else(|| fail(format!("missing input '{name}'")))?;
+        let found = inputs.iter().find(|i| i.name() == name).ok_or_else(|| {
+            fail(format!(
+                "missing input '{name}' (a fused graph from before slot pools: rebuild it with \
+                 scripts/model_prep/gguf_to_onnx.py, or `make setup`)"
+            ))
+        })?;
         if found.dtype().tensor_type() != Some(ty) {
             return Err(fail(format!("input '{name}' must be {ty:?}")));
         }

@@ -1,17 +1,20 @@
 //! The ONNX Runtime session of one decoder model and its KV cache, in either of two graph layouts.
 //!
 //! - [`fused`]: the default model's graph (scripts/model_prep/llama_fused.py, the shape of ONNX
-//!   Runtime's generative-AI builder on CPU): `GroupQueryAttention` with a KV buffer per sequence
-//!   that is bound as both past and present, quantized `MatMulNBits` projections, logits of the last
-//!   position only. Recognized by its `seqlens_k` input.
+//!   Runtime's generative-AI builder on CPU): `GroupQueryAttention` over a pool of KV rows bound as
+//!   both past and present, quantized `MatMulNBits` projections, logits of the last position only.
+//!   Every decoding sequence advances in one forward pass. Recognized by its `seqlens_k` input.
 //! - [`optimum`]: a Hugging Face Optimum "text-generation-with-past" export (fp32, the cache grows
-//!   by concatenation each step). Recognized by its `attention_mask` input.
+//!   by concatenation each step); a decode step runs its sequences one after another.
+//!   Recognized by its `attention_mask` input.
 //!
 //! The layout is read from the graph's inputs when the session is created; the scheduler sees only
-//! [`DecoderModel`] and [`KvCache`], so a new layout touches this module alone.
+//! [`DecoderModel`] and [`KvCache`] (prefill a chunk, decode a batch, release), so a new layout
+//! touches this module alone.
 
 pub mod fused;
 pub mod optimum;
+pub mod prefix_cache;
 
 use std::sync::Arc;
 
@@ -67,6 +70,8 @@ impl Layout {
 pub struct SessionOptions {
     /// ONNX Runtime intra-op threads for this session.
     pub intra_threads: usize,
+    /// The fused layout's KV pool (the Optimum layout allocates per sequence).
+    pub pool: fused::PoolOptions,
 }
 
 /// A handle that stops a running forward pass (a long prefill) from another thread.
@@ -85,10 +90,9 @@ impl Interrupt {
     }
 }
 
-/// Per-sequence attention cache.
+/// One sequence's attention cache: a pool row (fused) or its own tensors (Optimum).
 pub enum KvCache {
-    /// Boxed: its binding and tensor handles are large next to the Optimum cache's.
-    Fused(Box<fused::Cache>),
+    Fused(fused::Cache),
     Optimum(optimum::Cache),
 }
 
@@ -108,7 +112,8 @@ impl KvCache {
 
 /// An ONNX Runtime session for one decoder, owned by one worker thread.
 pub enum DecoderModel {
-    Fused(fused::FusedModel),
+    /// Boxed: its bindings and pool handles are large next to the Optimum session's.
+    Fused(Box<fused::FusedModel>),
     Optimum(optimum::OptimumModel),
 }
 
@@ -128,7 +133,7 @@ impl DecoderModel {
         let interrupt = Interrupt::new()?;
         let has_input = |name: &str| session.inputs().iter().any(|i| i.name() == name);
         if has_input("seqlens_k") {
-            fused::FusedModel::new(session, files, interrupt).map(Self::Fused)
+            fused::FusedModel::new(session, files, interrupt, &options.pool).map(|m| Self::Fused(Box::new(m)))
         } else if has_input("attention_mask") {
             optimum::OptimumModel::new(session, files, interrupt).map(Self::Optimum)
         } else {
@@ -165,28 +170,83 @@ impl DecoderModel {
         }
     }
 
-    /// A cache for a sequence that will hold at most `capacity` positions. The fused layout
-    /// reserves them now (untouched memory costs nothing until written); the Optimum layout grows.
-    pub fn new_cache(&mut self, capacity: usize) -> Result<KvCache> {
+    /// How many sequences one decode step can advance (the fused pool's rows; the Optimum layout
+    /// runs them one after another, so any number).
+    pub fn slots(&self) -> Option<usize> {
         match self {
-            Self::Fused(m) => m.new_cache(capacity).map(|c| KvCache::Fused(Box::new(c))),
-            Self::Optimum(m) => m.empty_cache().map(KvCache::Optimum),
+            Self::Fused(m) => Some(m.slots()),
+            Self::Optimum(_) => None,
         }
     }
 
-    /// Run `tokens` (at positions `cache.len()..`) through the model, extend the cache, and return
-    /// the logits of the last token. The slice is the model's own output buffer, valid until the
-    /// next call; the sampler may modify it in place.
-    pub fn forward(&mut self, tokens: &[u32], cache: &mut KvCache) -> Result<&mut [f32]> {
+    /// A cache for a new sequence; `None` when the fused pool has no free row.
+    pub fn new_cache(&mut self) -> Result<Option<KvCache>> {
+        match self {
+            Self::Fused(m) => Ok(m.new_cache().map(KvCache::Fused)),
+            Self::Optimum(m) => m.empty_cache().map(|c| Some(KvCache::Optimum(c))),
+        }
+    }
+
+    /// Free a sequence's cache. `tokens` (the ids of its cached positions) offers its keys and
+    /// values for prefix reuse, where the layout keeps any.
+    pub fn release(&mut self, cache: KvCache, tokens: Option<&[u32]>) {
+        if let (Self::Fused(m), KvCache::Fused(c)) = (self, cache) {
+            m.release(c, tokens);
+        }
+    }
+
+    /// Before a prompt runs: reuse the longest cached prefix of `prompt`; returns how many
+    /// positions are already in `cache` (the caller runs only the rest).
+    pub fn reuse_prefix(&mut self, prompt: &[u32], cache: &mut KvCache) -> Result<usize> {
+        match (self, cache) {
+            (Self::Fused(m), KvCache::Fused(c)) => m.reuse_prefix(prompt, c),
+            _ => Ok(0),
+        }
+    }
+
+    /// Run prompt `tokens` (at positions `cache.len()..`) and return the last one's logits. The
+    /// slice is the model's own output buffer, valid until the next call; the sampler may modify it.
+    pub fn prefill(&mut self, tokens: &[u32], cache: &mut KvCache) -> Result<&mut [f32]> {
         if tokens.is_empty() {
             return Err(InferenceError::InvalidRequest("no tokens to run".into()));
         }
         match (self, cache) {
-            (Self::Fused(m), KvCache::Fused(c)) => m.forward(tokens, c),
+            (Self::Fused(m), KvCache::Fused(c)) => m.prefill(tokens, c),
             (Self::Optimum(m), KvCache::Optimum(c)) => m.forward(tokens, c),
-            _ => Err(InferenceError::Runtime("a KV cache was used with a model of another layout".into())),
+            _ => Err(mismatch()),
         }
     }
+
+    /// One token for each sequence (`ids[i]` extends `caches[i]`); the logits of all of them,
+    /// `[caches.len() * vocab]`, in the model's own buffer.
+    pub fn decode(&mut self, caches: &mut [&mut KvCache], ids: &[u32]) -> Result<&mut [f32]> {
+        match self {
+            Self::Fused(m) => {
+                let mut rows = caches
+                    .iter_mut()
+                    .map(|c| match &mut **c {
+                        KvCache::Fused(c) => Ok(c),
+                        KvCache::Optimum(_) => Err(mismatch()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                m.decode(&mut rows, ids)
+            }
+            Self::Optimum(m) => {
+                let mut rows = caches
+                    .iter_mut()
+                    .map(|c| match &mut **c {
+                        KvCache::Optimum(c) => Ok(c),
+                        KvCache::Fused(_) => Err(mismatch()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                m.decode(&mut rows, ids)
+            }
+        }
+    }
+}
+
+fn mismatch() -> InferenceError {
+    InferenceError::Runtime("a KV cache was used with a model of another layout".into())
 }
 
 /// What both layouts read from a graph: its KV cache inputs and outputs and its vocabulary.

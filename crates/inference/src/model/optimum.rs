@@ -46,6 +46,8 @@ pub struct OptimumModel {
     interrupt: Interrupt,
     /// The last token's logits, copied out of the run's output.
     logits: Vec<f32>,
+    /// A decode step's logits, one row per sequence.
+    rows: Vec<f32>,
     /// Input names for the cache, in `Cache::values` order.
     past_names: Vec<String>,
     present_names: Vec<String>,
@@ -58,6 +60,7 @@ impl OptimumModel {
         let (past_names, present_names) = shape.cache_names();
         Ok(Self {
             logits: Vec::with_capacity(shape.vocab_size),
+            rows: Vec::new(),
             session,
             shape,
             has_position_ids,
@@ -133,6 +136,23 @@ impl OptimumModel {
         cache.values = present;
         cache.len = total;
         Ok(&mut self.logits)
+    }
+}
+
+impl OptimumModel {
+    /// One token for each sequence, run one after another (this layout has no batched step); the
+    /// logits rows side by side.
+    pub fn decode(&mut self, caches: &mut [&mut Cache], ids: &[u32]) -> Result<&mut [f32]> {
+        if caches.len() != ids.len() {
+            return Err(InferenceError::Runtime("a decode step needs one token per sequence".into()));
+        }
+        let mut rows = std::mem::take(&mut self.rows);
+        rows.clear();
+        for (cache, &id) in caches.iter_mut().zip(ids) {
+            rows.extend_from_slice(self.forward(&[id], cache)?);
+        }
+        self.rows = rows;
+        Ok(&mut self.rows)
     }
 }
 

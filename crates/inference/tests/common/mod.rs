@@ -37,15 +37,27 @@ pub fn engine_with(
     queue_capacity: usize,
     prefill_chunk: usize,
 ) -> OnnxEngine {
-    OnnxEngine::start(&EngineConfig {
+    OnnxEngine::start(&config_for(model_dir, max_active, queue_capacity, prefill_chunk))
+        .expect("tiny engine starts (run `make setup` first)")
+}
+
+pub fn config_for(
+    model_dir: &std::path::Path,
+    max_active: usize,
+    queue_capacity: usize,
+    prefill_chunk: usize,
+) -> EngineConfig {
+    EngineConfig {
         model_dir: model_dir.to_path_buf(),
         ort_dylib_path: ort_dylib(),
         intra_threads: 1,
         max_active,
         queue_capacity,
         prefill_chunk,
-    })
-    .expect("tiny engine starts (run `make setup` first)")
+        context_length: None,
+        prefix_cache_mb: 64,
+        prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
+    }
 }
 
 pub fn request(prompt: &str, max_tokens: usize) -> GenerationRequest {

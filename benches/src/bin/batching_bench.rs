@@ -1,0 +1,157 @@
+//! `batching-bench`: what continuous batching does for users of a running gateway on a real model,
+//! measured on the wire (native SSE route), in one run, as ratios:
+//!
+//! 1. aggregate tokens/s of 16 concurrent streams over one stream's tokens/s;
+//! 2. p99 inter-token gap at 16 streams over one stream's p99;
+//! 3. a running stream's p99 gap while a 2,000-token prompt is admitted over its p99 without it;
+//! 4. a conversation's second-turn time to first token over the first turn's (1,000-token prompt).
+//!
+//! Prints one JSON object (make bench tabulates it in docs/benchmarks.md). Bounded: every stream
+//! has a token cap and a deadline; it talks only to the URL it is given.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::json;
+use streamgate_benches::client::{Route, StreamResult, run_stream};
+use streamgate_benches::prompts::{AnyError, long_prompt};
+use streamgate_benches::stats::Percentiles;
+
+#[derive(Parser)]
+struct Args {
+    /// Base URL of the gateway, e.g. http://127.0.0.1:18250.
+    #[arg(long)]
+    url: String,
+    /// The served model's folder (its tokenizer cuts the long prompts to length).
+    #[arg(long)]
+    model: PathBuf,
+    /// Text the long prompts are cut from.
+    #[arg(long)]
+    text: PathBuf,
+    #[arg(long, default_value = "v1")]
+    version: String,
+    /// Concurrent streams in the batched run.
+    #[arg(long, default_value_t = 16)]
+    streams: usize,
+    /// Tokens per stream.
+    #[arg(long, default_value_t = 96)]
+    tokens: usize,
+}
+
+const USER: &str = "<|im_start|>user\n";
+const TURN_END: &str = "<|im_end|>\n";
+const ASSISTANT: &str = "<|im_start|>assistant\n";
+
+fn chat(user: &str) -> String {
+    format!("{USER}{user}{TURN_END}{ASSISTANT}")
+}
+
+/// Token arrival times (seconds from the run's start) rebuilt from TTFT and the gaps.
+fn arrivals(r: &StreamResult) -> Vec<f64> {
+    let Some(ttft) = r.ttft_ms else { return Vec::new() };
+    let mut t = r.started_s + ttft / 1e3;
+    let mut out = vec![t];
+    for gap in &r.gaps_ms {
+        t += f64::from(*gap) / 1e3;
+        out.push(t);
+    }
+    out
+}
+
+struct Client {
+    addr: String,
+    host: String,
+    version: String,
+    start: Instant,
+}
+
+impl Client {
+    async fn stream(&self, prompt: &str, max_tokens: usize) -> StreamResult {
+        let request = Route::Native.request(&self.host, &self.version, prompt, max_tokens, false);
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut conn = None;
+        // Failed streams are counted in the report's `errors`.
+        run_stream(&mut conn, &self.addr, &request, Route::Native, self.start, deadline).await
+    }
+}
+
+fn gaps(results: &[&StreamResult]) -> Percentiles {
+    Percentiles::of(results.iter().flat_map(|r| r.gaps_ms.iter().map(|g| f64::from(*g))).collect())
+}
+
+fn main() -> Result<(), AnyError> {
+    let args = Args::parse();
+    let addr = args.url.trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let client = Client { host: addr.clone(), addr, version: args.version.clone(), start: Instant::now() };
+    let prompts: Vec<String> = (0..args.streams)
+        .map(|i| chat(&format!("Count from {} to {}, separated by commas.", i * 10 + 1, i * 10 + 400)))
+        .collect();
+    let (long2000, long2000_tokens) = long_prompt(&args.model, &args.text, 2000)?;
+    let (doc1000, doc_tokens) = long_prompt(&args.model, &args.text, 980)?;
+
+    let report = runtime.block_on(async {
+        // Warm-up: the first run allocates ONNX Runtime's buffers.
+        client.stream(&prompts[0], 8).await;
+
+        // 1-2. One stream alone, then all of them at once.
+        let solo = client.stream(&prompts[0], args.tokens).await;
+        let solo_tok_s = solo.tokens as f64 / (solo.duration_ms / 1e3);
+        let began = Instant::now();
+        let together = futures_util::future::join_all(prompts.iter().map(|p| client.stream(p, args.tokens))).await;
+        let wall = began.elapsed().as_secs_f64();
+        let batched_tokens: usize = together.iter().map(|r| r.tokens).sum();
+        let batched_tok_s = batched_tokens as f64 / wall;
+        let solo_gaps = gaps(&[&solo]);
+        let batched_gaps = gaps(&together.iter().collect::<Vec<_>>());
+
+        // 3. A stream running while a 2,000-token prompt is admitted.
+        let running = client.stream(&prompts[1], 400);
+        let newcomer = async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            client.stream(&long2000, 1).await
+        };
+        let (running, newcomer) = tokio::join!(running, newcomer);
+        let window = (newcomer.started_s, newcomer.started_s + newcomer.ttft_ms.unwrap_or(0.0) / 1e3);
+        let times = arrivals(&running);
+        let during: Vec<f64> = times
+            .windows(2)
+            .filter(|w| w[1] > window.0 && w[1] <= window.1)
+            .map(|w| (w[1] - w[0]) * 1e3)
+            .collect();
+        let before: Vec<f64> =
+            times.windows(2).filter(|w| w[1] <= window.0).map(|w| (w[1] - w[0]) * 1e3).collect();
+        let during = Percentiles::of(during);
+        let before = Percentiles::of(before);
+
+        // 4. A conversation: a 1,000-token first turn, then the second turn resends it.
+        let turn1 = chat(&format!("Read this and answer briefly.\n\n{doc1000}"));
+        let first = client.stream(&turn1, 24).await;
+        let turn2 = format!("{turn1}It is about a text.{TURN_END}{}", chat("Say it in five words."));
+        let second = client.stream(&turn2, 24).await;
+        let ttft1 = first.ttft_ms.unwrap_or(f64::NAN);
+        let ttft2 = second.ttft_ms.unwrap_or(f64::NAN);
+
+        json!({
+            "streams": args.streams, "tokens_per_stream": args.tokens,
+            "solo_tok_s": solo_tok_s, "batched_tok_s": batched_tok_s,
+            "aggregate_ratio": batched_tok_s / solo_tok_s,
+            "solo_gap_ms": solo_gaps, "batched_gap_ms": batched_gaps,
+            "gap_p99_ratio": batched_gaps.p99 / solo_gaps.p99,
+            "admission": {
+                "prompt_tokens": long2000_tokens, "newcomer_ttft_ms": newcomer.ttft_ms,
+                "gap_before_ms": before, "gap_during_ms": during,
+                "gap_p99_ratio": during.p99 / before.p99,
+            },
+            "conversation": {
+                "first_turn_doc_tokens": doc_tokens, "ttft_first_ms": ttft1, "ttft_second_ms": ttft2,
+                "ratio": ttft2 / ttft1,
+            },
+            "errors": together.iter().chain([&running, &newcomer, &first, &second]).filter(|r| r.error.is_some() || !r.done).count(),
+        })
+    });
+    writeln!(std::io::stdout().lock(), "{report}")?;
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! One generation in progress, owned by the worker: its prompt and what of it is cached, its
+//! sampler, detokenizer and stop matcher, and what happens to each token it samples
+//! (sample → detokenize → stop check → one `Token` event). The step loop in [`crate::scheduler`]
+//! decides when a sequence runs; this module decides what a token means for it.
+
+use std::collections::BTreeSet;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::error::Result;
+use crate::generator::{FinishReason, GenerationEvent, GenerationRequest, Usage};
+use crate::model::KvCache;
+use crate::sampling::Sampler;
+use crate::stop::{StopCheck, StopMatcher};
+use crate::tokenizer::{IncrementalDecoder, TextTokenizer};
+
+pub(crate) type EventSender = UnboundedSender<Result<GenerationEvent>>;
+
+/// What every sequence's token handling reads: the same for all of them.
+pub(crate) struct TokenRules<'a> {
+    pub tokenizer: &'a TextTokenizer,
+    pub eos: &'a BTreeSet<u32>,
+    /// Positions a sequence may reach.
+    pub context_length: usize,
+}
+
+/// After a token: keep going, or the reason to stop.
+pub(crate) enum Step {
+    Continue,
+    Finished(FinishReason),
+}
+
+pub(crate) struct Sequence {
+    pub events: EventSender,
+    pub cache: KvCache,
+    /// Prompt ids, then each sampled id (the repetition penalty reads them all).
+    history: Vec<u32>,
+    prompt_len: usize,
+    /// Prompt positions in the cache so far.
+    fed: usize,
+    generated: usize,
+    max_tokens: usize,
+    events_sent: usize,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+}
+
+impl Sequence {
+    pub fn new(
+        prompt_ids: Vec<u32>,
+        request: GenerationRequest,
+        events: EventSender,
+        cache: KvCache,
+    ) -> Self {
+        Self {
+            events,
+            cache,
+            prompt_len: prompt_ids.len(),
+            history: prompt_ids,
+            fed: 0,
+            generated: 0,
+            max_tokens: request.max_tokens,
+            events_sent: 0,
+            sampler: Sampler::new(request.sampling),
+            decoder: IncrementalDecoder::new(),
+            stop: StopMatcher::new(request.stop),
+        }
+    }
+
+    /// The prompt, and the cache to fill with it.
+    pub fn prompt_and_cache(&mut self) -> (&[u32], &mut KvCache) {
+        (&self.history[..self.prompt_len], &mut self.cache)
+    }
+
+    /// Still running its prompt (nothing sampled yet).
+    pub fn is_prefilling(&self) -> bool {
+        self.fed < self.prompt_len
+    }
+
+    /// Prompt positions already in the cache before any ran (a reused prefix).
+    pub fn skip_prompt(&mut self, positions: usize) {
+        self.fed = positions.min(self.prompt_len);
+    }
+
+    /// The next at most `max` prompt tokens to run.
+    pub fn next_chunk(&self, max: usize) -> &[u32] {
+        let end = self.prompt_len.min(self.fed + max.max(1));
+        &self.history[self.fed..end]
+    }
+
+    /// `n` more prompt tokens are in the cache; true when that completes the prompt.
+    pub fn fed(&mut self, n: usize) -> bool {
+        self.fed = (self.fed + n).min(self.prompt_len);
+        !self.is_prefilling()
+    }
+
+    /// The token the next decode step feeds: the last one sampled.
+    pub fn last_token(&self) -> u32 {
+        self.history.last().copied().unwrap_or_default()
+    }
+
+    /// The ids of the positions in the cache (the last sampled token is not fed yet).
+    pub fn cached_tokens(&self) -> &[u32] {
+        &self.history[..self.cache.len().min(self.history.len())]
+    }
+
+    /// Sample from `logits` and send the token's event. Every sampled token yields exactly one
+    /// `Token` event; on the last one (EOS, max_tokens, or a full context) held-back text is
+    /// flushed into it: an incomplete character decodes lossily, and a partial stop sequence that
+    /// never completed is released.
+    pub fn on_logits(&mut self, logits: &mut [f32], rules: &TokenRules<'_>) -> Result<Step> {
+        let id = self.sampler.sample(logits, &self.history);
+        self.generated += 1;
+        self.history.push(id);
+
+        let is_eos = rules.eos.contains(&id);
+        // The next decode step would write position `cache.len()`: the context must hold it.
+        let at_length = self.generated >= self.max_tokens || self.cache.len() >= rules.context_length;
+        let last = is_eos || at_length;
+        let mut delta = if is_eos { String::new() } else { self.decoder.push(rules.tokenizer, id)? };
+        if last {
+            delta.push_str(&self.decoder.flush(rules.tokenizer)?);
+        }
+        match self.stop.push(&delta) {
+            StopCheck::Stopped(text) => {
+                self.send_text(id, text);
+                return Ok(Step::Finished(FinishReason::Stop));
+            }
+            StopCheck::Continue(mut text) => {
+                if last {
+                    text.push_str(&self.stop.finish());
+                }
+                self.send_text(id, text);
+            }
+        }
+        Ok(if is_eos {
+            Step::Finished(FinishReason::Stop)
+        } else if at_length {
+            Step::Finished(FinishReason::Length)
+        } else {
+            Step::Continue
+        })
+    }
+
+    fn send_text(&mut self, id: u32, text: String) {
+        let _ = self.events.send(Ok(GenerationEvent::Token { index: self.events_sent, id, text }));
+        self.events_sent += 1;
+    }
+
+    /// The final event.
+    pub fn send_finished(&self, reason: FinishReason) {
+        let usage = Usage { prompt_tokens: self.prompt_len, completion_tokens: self.generated };
+        let _ = self.events.send(Ok(GenerationEvent::Finished { reason, usage }));
+    }
+}
