@@ -100,6 +100,7 @@ fn main() -> Result<(), AnyError> {
         // Every run repeats the prompt: reuse would measure a copy, not prompt processing.
         prefix_cache_mb: 0,
         prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
+        batch_invariant: false,
     })?;
     let (loaded_rss, _) = memory_mib();
     let long = match &args.long_prompt_file {

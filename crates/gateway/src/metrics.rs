@@ -1,9 +1,10 @@
 //! Prometheus metrics: requests by route and status, active streams, tokens streamed, time to
 //! first token and inter-token gaps, rate-limited and rejected requests, and the engines' own
-//! gauges (read at scrape time). Served as text at `GET /metrics`.
+//! gauges (read at scrape time: generations, queue, KV slots, batch size, decode steps, queue
+//! time, prefix-cache hits). Served as text at `GET /metrics`.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::model_registry::ModelRegistry;
@@ -23,6 +24,13 @@ pub struct Metrics {
     engine_queued: IntGaugeVec,
     engine_cancelled: IntGaugeVec,
     engine_tokens: IntGaugeVec,
+    engine_slots: IntGaugeVec,
+    engine_batch: IntGaugeVec,
+    engine_decode_steps: IntGaugeVec,
+    engine_admitted: IntGaugeVec,
+    engine_queue_wait: GaugeVec,
+    engine_prefix_hits: IntGaugeVec,
+    engine_prefix_tokens: IntGaugeVec,
 }
 
 impl Metrics {
@@ -79,9 +87,44 @@ impl Metrics {
                 Opts::new("engine_tokens_generated", "Tokens sampled by the engine since start"),
                 &["version"],
             )?,
+            engine_slots: IntGaugeVec::new(
+                Opts::new("engine_kv_slots", "KV slots: generations one decode step can advance"),
+                &["version"],
+            )?,
+            engine_batch: IntGaugeVec::new(
+                Opts::new("engine_batch_size", "Generations advanced by the last decode step"),
+                &["version"],
+            )?,
+            engine_decode_steps: IntGaugeVec::new(
+                Opts::new(
+                    "engine_decode_steps",
+                    "Decode steps (one forward pass for every decoding generation) since start; \
+                     tokens_generated / decode_steps is the mean batch",
+                ),
+                &["version"],
+            )?,
+            engine_admitted: IntGaugeVec::new(
+                Opts::new("engine_admitted_requests", "Requests that left the queue for a KV slot since start"),
+                &["version"],
+            )?,
+            engine_queue_wait: GaugeVec::new(
+                Opts::new(
+                    "engine_queue_wait_seconds_sum",
+                    "Summed time admitted requests waited in the queue (divide by admitted_requests)",
+                ),
+                &["version"],
+            )?,
+            engine_prefix_hits: IntGaugeVec::new(
+                Opts::new("engine_prefix_cache_hits", "Prompts that started from a cached prefix"),
+                &["version"],
+            )?,
+            engine_prefix_tokens: IntGaugeVec::new(
+                Opts::new("engine_prefix_cache_tokens", "Prompt positions copied from the prefix cache instead of recomputed"),
+                &["version"],
+            )?,
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
             Box::new(m.requests.clone()),
             Box::new(m.active_streams.clone()),
             Box::new(m.tokens_streamed.clone()),
@@ -93,6 +136,13 @@ impl Metrics {
             Box::new(m.engine_queued.clone()),
             Box::new(m.engine_cancelled.clone()),
             Box::new(m.engine_tokens.clone()),
+            Box::new(m.engine_slots.clone()),
+            Box::new(m.engine_batch.clone()),
+            Box::new(m.engine_decode_steps.clone()),
+            Box::new(m.engine_admitted.clone()),
+            Box::new(m.engine_queue_wait.clone()),
+            Box::new(m.engine_prefix_hits.clone()),
+            Box::new(m.engine_prefix_tokens.clone()),
         ];
         for collector in collectors {
             m.registry.register(collector)?;
@@ -108,6 +158,13 @@ impl Metrics {
             self.engine_queued.with_label_values(&[version]).set(stats.queued as i64);
             self.engine_cancelled.with_label_values(&[version]).set(stats.cancelled as i64);
             self.engine_tokens.with_label_values(&[version]).set(stats.tokens_generated as i64);
+            self.engine_slots.with_label_values(&[version]).set(stats.slots as i64);
+            self.engine_batch.with_label_values(&[version]).set(stats.batch_size as i64);
+            self.engine_decode_steps.with_label_values(&[version]).set(stats.decode_steps as i64);
+            self.engine_admitted.with_label_values(&[version]).set(stats.admitted as i64);
+            self.engine_queue_wait.with_label_values(&[version]).set(stats.queue_wait_micros as f64 / 1e6);
+            self.engine_prefix_hits.with_label_values(&[version]).set(stats.prefix_hits as i64);
+            self.engine_prefix_tokens.with_label_values(&[version]).set(stats.prefix_tokens_reused as i64);
         }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.

@@ -43,6 +43,7 @@ pub fn load_models(settings: &Settings, logger: &Logger) -> Result<ModelRegistry
             context_length: settings.context_length,
             prefix_cache_mb: settings.prefix_cache_mb,
             prefill_pace: settings.prefill_pace,
+            batch_invariant: settings.batch_invariant,
         })
         .map_err(|e| format!("model version {}: {e}", spec.version))?;
         let info = engine.info();

@@ -131,6 +131,12 @@ pub struct Settings {
     #[arg(long, env = "STREAMGATE_PREFILL_PACE", default_value_t = streamgate_inference::DEFAULT_PREFILL_PACE)]
     pub prefill_pace: f64,
 
+    /// Make every generation's tokens independent of how many others decode with it (temperature 0
+    /// then reproduces exactly under any load). Costs a lone stream about a quarter of its decode
+    /// speed: it runs with a padding row, because ONNX Runtime's one-row kernels round differently.
+    #[arg(long, env = "STREAMGATE_BATCH_INVARIANT", default_value_t = false)]
+    pub batch_invariant: bool,
+
     /// Positions per generation, prompt plus output (default: the model's context length, capped
     /// at 4096). Every KV slot holds this many positions, so the pool's memory is
     /// slots x this x the model's KV bytes per position.

@@ -52,7 +52,12 @@ fn main() -> Result<(), AnyError> {
     let encodings = input.texts.iter().map(|t| tokenizer.encode(t)).collect::<Result<Vec<_>, _>>()?;
 
     let first_logits = {
-        let pool = PoolOptions { slots: 1, slot_len: prompt_ids.len(), prefix_cache_bytes: 0 };
+        let pool = PoolOptions {
+            slots: 1,
+            slot_len: prompt_ids.len(),
+            prefix_cache_bytes: 0,
+            batch_invariant: false,
+        };
         let options = SessionOptions { intra_threads: input.threads, pool };
         let mut model = DecoderModel::load(&env, &files, &options)?;
         let mut cache = model.new_cache()?.ok_or("no free KV slot")?;
@@ -69,6 +74,7 @@ fn main() -> Result<(), AnyError> {
         context_length: None,
         prefix_cache_mb: 64,
         prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
+        batch_invariant: false,
     })?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (greedy_ids, finish_reason) = runtime.block_on(async {

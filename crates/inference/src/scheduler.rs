@@ -65,6 +65,9 @@ pub struct EngineConfig {
     /// time ([`DEFAULT_PREFILL_PACE`]); 0 runs whole `prefill_chunk`s (fastest admission, longest
     /// stalls for running streams).
     pub prefill_pace: f64,
+    /// Make a sequence's tokens independent of how many others decode with it, at some cost to a
+    /// lone stream's speed (see [`PoolOptions::batch_invariant`]).
+    pub batch_invariant: bool,
 }
 
 /// A prompt chunk takes about one decode step while others decode: their inter-token gaps at most
@@ -141,6 +144,7 @@ impl OnnxEngine {
                 slots: max_active,
                 slot_len: context_length,
                 prefix_cache_bytes: config.prefix_cache_mb.saturating_mul(1 << 20),
+                batch_invariant: config.batch_invariant,
             },
         };
         let model = DecoderModel::load(&env, &files, &options)?;

@@ -83,10 +83,17 @@ impl Sequence {
         self.fed = positions.min(self.prompt_len);
     }
 
-    /// The next at most `max` prompt tokens to run.
+    /// The next prompt tokens to run: about `max`, never a lone token when the prompt has more.
+    /// ONNX Runtime computes a one-token run with other kernels than a longer one (matrix-vector
+    /// against matrix-matrix; the difference grows through the layers), so keeping every chunk at
+    /// two tokens or more makes a prompt's result independent of how it was cut.
     pub fn next_chunk(&self, max: usize) -> &[u32] {
-        let end = self.prompt_len.min(self.fed + max.max(1));
-        &self.history[self.fed..end]
+        let remaining = self.prompt_len - self.fed;
+        let mut take = max.max(2).min(remaining);
+        if remaining - take == 1 {
+            take = if take > 2 { take - 1 } else { take + 1 };
+        }
+        &self.history[self.fed..self.fed + take]
     }
 
     /// `n` more prompt tokens are in the cache; true when that completes the prompt.

@@ -34,7 +34,8 @@ fn check_kv_cache_matches_full_recomputation(model_dir: &std::path::Path, layout
     let files = ModelFiles::read(model_dir).expect("files");
     let tok = TextTokenizer::from_file(&files.tokenizer_path).expect("tokenizer");
     let mut ids = tok.encode(PROMPT).expect("encode");
-    let pool = PoolOptions { slots: 2, slot_len: ids.len() + 12, prefix_cache_bytes: 0 };
+    let pool =
+        PoolOptions { slots: 2, slot_len: ids.len() + 12, prefix_cache_bytes: 0, batch_invariant: false };
     let options = SessionOptions { intra_threads: 1, pool };
     let mut model = DecoderModel::load(&env, &files, &options).expect("model");
     assert_eq!(model.layout(), layout);

@@ -25,6 +25,7 @@ fn start(dir: &Path) -> Result<OnnxEngine, InferenceError> {
         context_length: None,
         prefix_cache_mb: 64,
         prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
+        batch_invariant: false,
     })
 }
 

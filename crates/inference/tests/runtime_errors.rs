@@ -18,6 +18,7 @@ fn config(model_dir: std::path::PathBuf, dylib: std::path::PathBuf) -> EngineCon
         context_length: None,
         prefix_cache_mb: 64,
         prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
+        batch_invariant: false,
     }
 }
 

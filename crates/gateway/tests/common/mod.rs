@@ -99,6 +99,7 @@ fn tiny_state_with_logger(args: &[&str], logger: slog::Logger) -> web::Data<AppS
             context_length: None,
             prefix_cache_mb: 64,
             prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
+            batch_invariant: false,
         })
         .expect("tiny model loads (run `make setup`)");
         models.insert(version, Arc::new(engine) as Arc<dyn Generator>);

@@ -64,6 +64,10 @@ pub struct PoolOptions {
     pub slot_len: usize,
     /// Bytes of finished sequences' KV kept for prefix reuse (0: off).
     pub prefix_cache_bytes: usize,
+    /// Run a lone decoding sequence with a padding row, so that every decode step takes ONNX
+    /// Runtime's matrix-matrix kernels and a sequence's tokens never depend on how many others
+    /// share its steps (a lone row takes the matrix-vector kernels, whose rounding differs).
+    pub batch_invariant: bool,
 }
 
 /// Finished sequences shorter than this are not kept for reuse (recomputing them is cheap).
@@ -83,6 +87,8 @@ pub struct FusedModel {
     batch_logits: Option<DynValue>,
     /// The pool row whose sequence's positions are in staging (its prompt is running).
     staged: Option<usize>,
+    /// Decode steps run at least this many rows (2 when batch-invariant: see [`PoolOptions`]).
+    min_rows: usize,
     free: Vec<usize>,
     prefixes: PrefixCache,
 }
@@ -115,6 +121,7 @@ impl FusedModel {
             staging_logits,
             batch_logits: None,
             staged: None,
+            min_rows: if options.batch_invariant { 2 } else { 1 },
             free: (0..slots).rev().collect(),
             prefixes: PrefixCache::new(options.prefix_cache_bytes, MIN_PREFIX_TOKENS),
             shape,
@@ -222,11 +229,17 @@ impl FusedModel {
             *row = row_total - 1;
         }
         self.pool.total_len.extract_tensor_mut().1[0] = total;
-        let ids: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
-        let slots: Vec<i64> = caches.iter().map(|c| c.slot as i64).collect();
+        let mut ids: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
+        let mut slots: Vec<i64> = caches.iter().map(|c| c.slot as i64).collect();
         let batch = ids.len();
-        let input_ids = Tensor::from_array(([batch, 1usize], ids)).map_err(rt)?;
-        let slots = Tensor::from_array(([batch], slots)).map_err(rt)?;
+        // Padding rows run in free slots (their one position of attention is written there).
+        for &free in self.free.iter().take(self.min_rows.saturating_sub(batch)) {
+            ids.push(0);
+            slots.push(free as i64);
+        }
+        let rows = ids.len();
+        let input_ids = Tensor::from_array(([rows, 1usize], ids)).map_err(rt)?;
+        let slots = Tensor::from_array(([rows], slots)).map_err(rt)?;
         self.pool.binding.bind_input("input_ids", &input_ids).map_err(rt)?;
         self.pool.binding.bind_input("slots", &slots).map_err(rt)?;
         // The batch changes from step to step: ONNX Runtime allocates this step's logits (a bound

@@ -55,10 +55,11 @@ impl PrefixCache {
     }
 
     /// The entry sharing the longest prefix with `prompt`, and how many of its positions to reuse:
-    /// at most `prompt.len() - 1`, because the last prompt token must still run to give logits.
+    /// at most `prompt.len() - 2`, because the prompt's end must still run to give logits, and as
+    /// a chunk of two tokens at least (see `Sequence::next_chunk`: a lone token takes other kernels).
     /// `None` when no entry shares at least `min_tokens` tokens.
     pub fn lookup(&mut self, prompt: &[u32]) -> Option<(&Entry, usize)> {
-        let limit = prompt.len().saturating_sub(1);
+        let limit = prompt.len().saturating_sub(2);
         let (best, shared) = self
             .entries
             .iter()
@@ -128,15 +129,15 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_longest_shared_prefix_but_leaves_one_token_to_run() {
+    fn finds_the_longest_shared_prefix_but_leaves_two_tokens_to_run() {
         let mut cache = PrefixCache::new(1 << 20, 2);
         assert!(cache.insert(vec![1, 2, 3, 4], kv(4)));
         assert!(cache.insert(vec![1, 2, 9, 9, 9], kv(5)));
         let (entry, n) = cache.lookup(&[1, 2, 3, 4, 5, 6]).unwrap_or_else(|| unreachable!("a match"));
         assert_eq!((entry.tokens(), n), (&[1u32, 2, 3, 4][..], 4));
-        // The whole prompt is cached: one token is still run for its logits.
+        // The whole prompt is cached: its last two tokens still run, for the logits.
         let (_, n) = cache.lookup(&[1, 2, 3, 4]).unwrap_or_else(|| unreachable!("a match"));
-        assert_eq!(n, 3);
+        assert_eq!(n, 2);
         assert!(cache.lookup(&[7, 8, 9]).is_none());
         // Below the minimum length, no reuse.
         assert!(cache.lookup(&[1, 5, 5]).is_none());

@@ -57,6 +57,7 @@ pub fn config_for(
         context_length: None,
         prefix_cache_mb: 64,
         prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
+        batch_invariant: false,
     }
 }
 
