@@ -93,8 +93,8 @@ $(VENV)/.bench-installed: benches/baselines/fastapi/requirements.txt | $(VENV)/.
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r benches/baselines/fastapi/requirements.txt
 	touch $@
 
-bench-gateway: setup $(VENV)/.bench-installed ## load tests: streamgate vs the FastAPI pattern (mock engine), and SmolLM2
-	cargo build --release --quiet -p streamgate-gateway --bin streamgate -p streamgate-benches --bin streamgate-bench --bin actix-bare-sse
+bench-gateway: setup $(VENV)/.bench-installed ## load tests: streamgate vs the FastAPI pattern (mock engine), SmolLM2, batching
+	cargo build --release --quiet -p streamgate-gateway --bin streamgate -p streamgate-benches --bin streamgate-bench --bin actix-bare-sse --bin batching-bench
 	benches/run.sh all
 
 bench-micro: ## criterion: rate-limit check with 1M clients, SSE event encoding; limiter memory
@@ -119,6 +119,8 @@ bench-engine: setup reference-model $(VENV)/.llama-cpp-installed ## one stream: 
 	  for model in $(SMOLLM2) $(SMOLLM2_FP32); do \
 	    target/release/engine-bench --model $$model --ort $(ORT_LIB) --prompt "$$prompt" $$long >> target/bench/engine.jsonl; \
 	  done; \
+	  target/release/engine-bench --model $(SMOLLM2) --ort $(ORT_LIB) --prompt "$$prompt" $$long --slots 8 --batch-invariant \
+	    >> target/bench/engine.jsonl; \
 	  $(PY) benches/python/llama_cpp_bench.py --gguf $(GGUF) --prompt "$$prompt" $$long >> target/bench/engine.jsonl; \
 	done
 	$(PY) benches/python/engine_table.py < target/bench/engine.jsonl

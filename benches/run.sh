@@ -98,4 +98,13 @@ if [[ $scenario == all || $scenario == model ]]; then
     stop "$pid"
   done
 fi
+if [[ $scenario == all || $scenario == batching ]]; then
+  echo "== 5. continuous batching: SmolLM2, 1 vs 16 streams, a 2,000-token prompt admitted, a second turn"
+  "$bin/streamgate" --port 18250 --max-active-sequences 16 --queue-capacity 64 --rate-limit off \
+    --max-streams-per-client 0 --model v1=.cache/models/smollm2-135m-instruct > "$out/batching.log" 2>&1 &
+  pid=$!; pids+=("$pid"); wait_port 18250
+  "$bin/batching-bench" --url http://127.0.0.1:18250 --model .cache/models/smollm2-135m-instruct \
+    --text tests/data/quality_text.txt --svg "$out/batching.svg" > "$out/batching.json"
+  stop "$pid"
+fi
 "$py/python" benches/python/summary.py "$out"

@@ -13,7 +13,9 @@ for line in sys.stdin:
         r = json.loads(line)
         name = r["model"].rstrip("/").split("/")[-1]
         engine = "llama.cpp (GGUF)" if r["impl"] == "llama.cpp" else (
-            "streamgate, fp32 graph" if name.endswith("-fp32") else "streamgate, fused graph (default)")
+            "streamgate, fp32 graph" if name.endswith("-fp32") else
+            "streamgate, fused graph, --batch-invariant" if r.get("batch_invariant") else
+            "streamgate, fused graph (default)")
         rows[engine].append(r)
 
 
@@ -22,7 +24,8 @@ def med(rs, key):
     return statistics.median(values) if values else float("nan")
 
 
-order = ["streamgate, fused graph (default)", "streamgate, fp32 graph", "llama.cpp (GGUF)"]
+order = ["streamgate, fused graph (default)", "streamgate, fused graph, --batch-invariant", "streamgate, fp32 graph",
+         "llama.cpp (GGUF)"]
 print("| engine | runs | TTFT (ms) | decode (tok/s) | prefill 2,000 tokens (tok/s) | decode at position 2,000 (tok/s) "
       "| at 2,000 / at start | RSS loaded / after (MiB) |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -39,7 +42,7 @@ if base:
     print()
     print("| engine | decode vs llama.cpp | prefill vs llama.cpp | TTFT llama.cpp / engine |")
     print("| --- | --- | --- | --- |")
-    for engine in order[:2]:
+    for engine in order[:3]:
         rs = rows.get(engine)
         if rs:
             print(f"| {engine} | {med(rs, 'decode_tok_s') / med(base, 'decode_tok_s'):.2f}x | "

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "target/bench")
-runs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.stem != "engine"}
+runs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.stem not in ("engine", "batching")}
 
 
 def row(name: str) -> str:
@@ -43,3 +43,21 @@ for scenario in ("gateway", "concurrency", "concurrency-2cores", "overhead"):
                      f"{sg['server_cpu_us_per_event'] / bare['server_cpu_us_per_event']:.2f}x")
     if parts:
         print(f"- {scenario}: " + "; ".join(parts))
+
+batching = out / "batching.json"
+if batching.exists():
+    b = json.loads(batching.read_text())
+    a, c = b["admission"], b["conversation"]
+    print()
+    print("| continuous batching (SmolLM2, gateway) | measured | ratio | target |")
+    print("| --- | --- | --- | --- |")
+    print(f"| tokens/s, 1 stream vs {b['streams']} streams | {b['solo_tok_s']:.1f} vs {b['batched_tok_s']:.1f} "
+          f"| {b['aggregate_ratio']:.2f}x | >= 5x |")
+    print(f"| p99 inter-token gap, 1 vs {b['streams']} streams (ms) | {b['solo_gap_ms']['p99']:.1f} vs "
+          f"{b['batched_gap_ms']['p99']:.1f} | {b['gap_p99_ratio']:.2f}x | <= 3x |")
+    print(f"| p99 gap of a running stream without / while a {a['prompt_tokens']}-token prompt is admitted (ms) "
+          f"| {a['gap_before_ms']['p99']:.1f} / {a['gap_during_ms']['p99']:.1f} (that prompt's TTFT "
+          f"{a['newcomer_ttft_ms'] / 1000:.1f} s) | {a['gap_p99_ratio']:.2f}x | <= 2x |")
+    print(f"| TTFT, first turn ({c['first_turn_doc_tokens']}-token document) vs second turn (ms) "
+          f"| {c['ttft_first_ms']:.0f} vs {c['ttft_second_ms']:.0f} | {c['ratio'] * 100:.1f} % | <= 25 % |")
+    print(f"| failed streams | {b['errors']} | | 0 |")

@@ -17,6 +17,7 @@ use clap::Parser;
 use serde_json::json;
 use streamgate_benches::client::{Route, StreamResult, run_stream};
 use streamgate_benches::prompts::{AnyError, long_prompt};
+use streamgate_benches::report::{Series, cdf, rate_over_time, render};
 use streamgate_benches::stats::Percentiles;
 
 #[derive(Parser)]
@@ -38,6 +39,10 @@ struct Args {
     /// Tokens per stream.
     #[arg(long, default_value_t = 96)]
     tokens: usize,
+    /// Also draw the run: TTFT and gap CDFs, and the running stream's tokens/s while the long
+    /// prompt is admitted.
+    #[arg(long)]
+    svg: Option<PathBuf>,
 }
 
 const USER: &str = "<|im_start|>user\n";
@@ -123,6 +128,29 @@ fn main() -> Result<(), AnyError> {
             .collect();
         let before: Vec<f64> =
             times.windows(2).filter(|w| w[1] <= window.0).map(|w| (w[1] - w[0]) * 1e3).collect();
+        if let Some(path) = &args.svg {
+            let ttfts = |rs: &[&StreamResult]| cdf(rs.iter().filter_map(|r| r.ttft_ms).collect());
+            let gap_values = |rs: &[&StreamResult]| {
+                cdf(rs.iter().flat_map(|r| r.gaps_ms.iter().map(|g| f64::from(*g))).collect())
+            };
+            let all: Vec<&StreamResult> = together.iter().collect();
+            let ttft = [
+                Series { label: "1 stream", color: "#1f5fa8", points: ttfts(&[&solo]) },
+                Series { label: "16 streams", color: "#b8452b", points: ttfts(&all) },
+            ];
+            let gap_series = [
+                Series { label: "1 stream", color: "#1f5fa8", points: gap_values(&[&solo]) },
+                Series { label: "16 streams", color: "#b8452b", points: gap_values(&all) },
+                Series { label: "1 stream, 2,000-token prompt admitted", color: "#1f7a3d", points: cdf(during.clone()) },
+            ];
+            let tput = [Series {
+                label: "running stream's tokens/s (2,000-token prompt sent at 1.5 s)",
+                color: "#1f7a3d",
+                points: rate_over_time(&times.iter().map(|t| t - running.started_s).collect::<Vec<_>>(), 0.5),
+            }];
+            let title = "batching-bench: SmolLM2-135M on the gateway";
+            std::fs::write(path, render(title, &ttft, &gap_series, &tput))?;
+        }
         let during = Percentiles::of(during);
         let before = Percentiles::of(before);
 
@@ -134,7 +162,7 @@ fn main() -> Result<(), AnyError> {
         let ttft1 = first.ttft_ms.unwrap_or(f64::NAN);
         let ttft2 = second.ttft_ms.unwrap_or(f64::NAN);
 
-        json!({
+        Ok::<_, std::io::Error>(json!({
             "streams": args.streams, "tokens_per_stream": args.tokens,
             "solo_tok_s": solo_tok_s, "batched_tok_s": batched_tok_s,
             "aggregate_ratio": batched_tok_s / solo_tok_s,
@@ -150,8 +178,8 @@ fn main() -> Result<(), AnyError> {
                 "ratio": ttft2 / ttft1,
             },
             "errors": together.iter().chain([&running, &newcomer, &first, &second]).filter(|r| r.error.is_some() || !r.done).count(),
-        })
-    });
+        }))
+    })?;
     writeln!(std::io::stdout().lock(), "{report}")?;
     Ok(())
 }

@@ -41,6 +41,9 @@ struct Args {
     /// KV slots (the gateway's --max-active-sequences); one stream runs either way.
     #[arg(long, default_value_t = 1)]
     slots: usize,
+    /// The gateway's --batch-invariant (a lone stream decodes with a padding row).
+    #[arg(long)]
+    batch_invariant: bool,
 }
 
 /// One greedy generation: (time to first token, decode tokens/s after it, tokens).
@@ -100,7 +103,7 @@ fn main() -> Result<(), AnyError> {
         // Every run repeats the prompt: reuse would measure a copy, not prompt processing.
         prefix_cache_mb: 0,
         prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
-        batch_invariant: false,
+        batch_invariant: args.batch_invariant,
     })?;
     let (loaded_rss, _) = memory_mib();
     let long = match &args.long_prompt_file {
@@ -116,6 +119,7 @@ fn main() -> Result<(), AnyError> {
         let mut record = serde_json::json!({
             "impl": "rust", "model": args.model.display().to_string(), "run": run,
             "ttft_ms": ttft * 1e3, "tokens": tokens, "decode_tok_s": decode,
+            "slots": args.slots, "batch_invariant": args.batch_invariant,
         });
         if let Some((prompt, count)) = &long {
             let (long_ttft, long_decode, _) = runtime.block_on(measure(&engine, prompt, 64))?;

@@ -87,8 +87,9 @@ pub struct FusedModel {
     batch_logits: Option<DynValue>,
     /// The pool row whose sequence's positions are in staging (its prompt is running).
     staged: Option<usize>,
-    /// Decode steps run at least this many rows (2 when batch-invariant: see [`PoolOptions`]).
-    min_rows: usize,
+    /// With batch invariance, a pool row of its own that pads a lone decoding sequence (see
+    /// [`PoolOptions::batch_invariant`]); it only ever holds the padding's one position.
+    padding_row: Option<usize>,
     free: Vec<usize>,
     prefixes: PrefixCache,
 }
@@ -105,7 +106,8 @@ impl FusedModel {
         let slots = options.slots.max(1);
         let slot_len = options.slot_len.max(1);
         let rt = InferenceError::runtime;
-        let pool = Buffers::new(&session, &shape, &past_names, &present_names, slots, slot_len)?;
+        let rows = slots + usize::from(options.batch_invariant);
+        let pool = Buffers::new(&session, &shape, &past_names, &present_names, rows, slot_len)?;
         let mut staging = Buffers::new(&session, &shape, &past_names, &present_names, 1, slot_len)?;
         let mut staging_logits =
             Tensor::<f32>::new(&Allocator::default(), [1usize, 1, shape.vocab_size]).map_err(rt)?;
@@ -121,7 +123,7 @@ impl FusedModel {
             staging_logits,
             batch_logits: None,
             staged: None,
-            min_rows: if options.batch_invariant { 2 } else { 1 },
+            padding_row: options.batch_invariant.then_some(slots),
             free: (0..slots).rev().collect(),
             prefixes: PrefixCache::new(options.prefix_cache_bytes, MIN_PREFIX_TOKENS),
             shape,
@@ -136,9 +138,9 @@ impl FusedModel {
         self.interrupt.clone()
     }
 
-    /// Pool rows: how many sequences can decode together.
+    /// How many sequences can decode together (the pool's rows, less a padding row).
     pub fn slots(&self) -> usize {
-        self.pool.rows
+        self.pool.rows - usize::from(self.padding_row.is_some())
     }
 
     /// Rows not held by a sequence.
@@ -232,10 +234,10 @@ impl FusedModel {
         let mut ids: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
         let mut slots: Vec<i64> = caches.iter().map(|c| c.slot as i64).collect();
         let batch = ids.len();
-        // Padding rows run in free slots (their one position of attention is written there).
-        for &free in self.free.iter().take(self.min_rows.saturating_sub(batch)) {
+        // A lone sequence gets a padding row, so that the step takes the multi-row kernels.
+        if let (1, Some(row)) = (batch, self.padding_row) {
             ids.push(0);
-            slots.push(free as i64);
+            slots.push(row as i64);
         }
         let rows = ids.len();
         let input_ids = Tensor::from_array(([rows, 1usize], ids)).map_err(rt)?;
