@@ -88,11 +88,7 @@ impl Sequence {
     /// against matrix-matrix; the difference grows through the layers), so keeping every chunk at
     /// two tokens or more makes a prompt's result independent of how it was cut.
     pub fn next_chunk(&self, max: usize) -> &[u32] {
-        let remaining = self.prompt_len - self.fed;
-        let mut take = max.max(2).min(remaining);
-        if remaining - take == 1 {
-            take = if take > 2 { take - 1 } else { take + 1 };
-        }
+        let take = chunk_len(self.prompt_len - self.fed, max);
         &self.history[self.fed..self.fed + take]
     }
 
@@ -159,5 +155,43 @@ impl Sequence {
     pub fn send_finished(&self, reason: FinishReason) {
         let usage = Usage { prompt_tokens: self.prompt_len, completion_tokens: self.generated };
         let _ = self.events.send(Ok(GenerationEvent::Finished { reason, usage }));
+    }
+}
+
+/// How many of `remaining` prompt tokens the next chunk takes: about `max`, at least two, and never
+/// so many that a lone token is left for the last chunk.
+fn chunk_len(remaining: usize, max: usize) -> usize {
+    let take = max.max(2).min(remaining);
+    match remaining - take {
+        1 if take > 2 => take - 1,
+        1 => take + 1,
+        _ => take,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_len;
+
+    #[test]
+    fn prompt_chunks_are_never_a_lone_token() {
+        for remaining in 1..40 {
+            for max in 1..12 {
+                let (mut left, mut chunks) = (remaining, Vec::new());
+                while left > 0 {
+                    let take = chunk_len(left, max);
+                    assert!(take >= 1 && take <= left, "remaining {remaining}, max {max}");
+                    chunks.push(take);
+                    left -= take;
+                }
+                if remaining >= 2 {
+                    assert!(chunks.iter().all(|&c| c >= 2), "remaining {remaining}, max {max}: {chunks:?}");
+                }
+                assert!(chunks.iter().all(|&c| c <= max.max(2) + 1), "{chunks:?}");
+            }
+        }
+        assert_eq!(chunk_len(1, 256), 1, "a one-token prompt is one chunk");
+        assert_eq!(chunk_len(300, 256), 256);
+        assert_eq!(chunk_len(257, 256), 255, "leaves two, not one");
     }
 }
