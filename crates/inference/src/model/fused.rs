@@ -166,7 +166,10 @@ impl FusedModel {
     /// Give a sequence's row back. With `tokens` (the ids of its cached positions), its keys and
     /// values are kept for prefix reuse first.
     pub fn release(&mut self, cache: Cache, tokens: Option<&[u32]>) {
-        if let Some(tokens) = tokens.filter(|t| t.len() == cache.len && !t.is_empty()) {
+        let position_bytes = self.pool.kv.len() * self.shape.kv_heads * self.shape.head_dim * 4;
+        let worth_keeping =
+            |t: &&[u32]| t.len() == cache.len && self.prefixes.accepts(t.len(), t.len() * position_bytes);
+        if let Some(tokens) = tokens.filter(worth_keeping) {
             let (source, row) =
                 if self.staged == Some(cache.slot) { (&self.staging, 0) } else { (&self.pool, cache.slot) };
             if let Some(kv) = source.read_rows(row, cache.len, self.slot_len, &self.shape) {

@@ -75,6 +75,12 @@ impl PrefixCache {
         Some((&self.entries[best], shared))
     }
 
+    /// Whether an entry of `tokens` positions and about `kv_bytes` could be kept at all (checked
+    /// before copying a sequence's cache out).
+    pub fn accepts(&self, tokens: usize, kv_bytes: usize) -> bool {
+        tokens >= self.min_tokens && kv_bytes <= self.budget_bytes
+    }
+
     /// Keep `kv` for `tokens`, evicting least recently used entries to stay within the budget.
     /// Returns false (and keeps nothing) when the entry is too short, larger than the whole budget,
     /// or already covered by an entry that extends it.
@@ -168,6 +174,7 @@ mod tests {
         assert!(cache.lookup(&[1, 1, 7]).is_some());
         assert!(cache.bytes() <= 100);
         // Larger than the whole budget: refused, nothing evicted.
+        assert!(!cache.accepts(2, 400));
         assert!(!cache.insert(vec![4, 4], kv(100)));
         assert_eq!(cache.len(), 2);
     }
