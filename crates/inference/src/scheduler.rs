@@ -12,9 +12,10 @@
 //! ```
 //!
 //! A prompt runs in chunks of up to [`EngineConfig::prefill_chunk`] tokens while nothing else
-//! decodes; while other streams decode, its chunk is sized to take about
-//! [`EngineConfig::prefill_pace`] decode steps (costs measured as it runs), so a long prompt slows
-//! running streams by about that much per step instead of stalling them for its whole length.
+//! decodes, or while prompts waiting outnumber the streams decoding (1.2 to 1, a burst fills the
+//! batch first); otherwise its chunk is sized to take about [`EngineConfig::prefill_pace`] decode
+//! steps (costs measured as it runs), so a long prompt slows running streams by about that much
+//! per step instead of stalling them for its whole length.
 //! Nothing heavy runs on the async runtime: the prompt is tokenized on tokio's blocking pool, then
 //! the job is `try_send`-ed into the queue and the stream returned at once, so a caller can start
 //! its response (and keep-alives) while the request waits for a slot and its prompt is processed.
@@ -275,6 +276,10 @@ impl Drop for OnnxEngine {
     }
 }
 
+/// Prompts run in full chunks, not paced, while at least this many times as many wait for their
+/// prompt as decode (text-generation-inference's `waiting_served_ratio` default).
+const WAITING_SERVED_RATIO: f64 = 1.2;
+
 /// Measured costs that size a prompt chunk while other sequences decode.
 #[derive(Default)]
 struct Pacing {
@@ -411,8 +416,12 @@ impl Worker {
     /// One chunk of the oldest prompt still running.
     fn prefill_step(&mut self) {
         let Some(i) = self.active.iter().position(Sequence::is_prefilling) else { return };
-        let others_decoding = self.active.iter().any(|s| !s.is_prefilling());
-        let chunk = self.pacing.chunk(others_decoding, self.prefill_chunk);
+        let waiting = self.active.iter().filter(|s| s.is_prefilling()).count();
+        let decoding = self.active.len() - waiting;
+        // Pace prompts only while they are few next to the streams they would hold up; a burst of
+        // new requests fills the batch first (TGI's waiting-served ratio), which serves everyone sooner.
+        let pace = decoding > 0 && (waiting as f64) < WAITING_SERVED_RATIO * decoding as f64;
+        let chunk = self.pacing.chunk(pace, self.prefill_chunk);
         let outcome = self.prefill(i, chunk);
         self.settle(vec![(i, outcome)]);
     }
