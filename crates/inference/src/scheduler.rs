@@ -451,6 +451,8 @@ impl Worker {
             TokenRules { tokenizer: &self.tokenizer, eos: &self.eos, context_length: self.context_length };
         let step = seq.on_logits(logits, &rules)?;
         self.shared.tokens_generated.fetch_add(1, Ordering::Relaxed);
+        let (prompt, cache) = seq.prompt_and_cache();
+        self.model.remember_prompt(cache, prompt);
         Ok(Some(step))
     }
 

@@ -413,3 +413,28 @@ async fn a_long_prompt_does_not_stall_running_streams() {
     }
     assert!(during >= 2, "the running stream got {during} tokens while a long prompt was processed");
 }
+
+/// A prompt's positions are reusable as soon as it has run: a request that arrives with the same
+/// long start while the first still generates copies it, and generates what it would alone.
+#[tokio::test]
+async fn concurrent_requests_share_a_long_common_prefix() {
+    let dir = tiny_fused_model_dir();
+    let shared = "You are a careful assistant for a streaming gateway. ".repeat(6);
+    let first = format!("{shared}Tell me about tokens.");
+    let second = format!("{shared}Tell me about browsers.");
+    let engine = engine_with(&dir, 2, 4, 512);
+    let mut a = engine.generate(request(&first, 200)).await.expect("a");
+    let b = engine.generate(request(&second, 12)).await.expect("b");
+    assert!(matches!(a.next().await, Some(Ok(GenerationEvent::Token { .. }))));
+    let with_reuse = text_and_ids(&collect(b).await);
+    let stats = engine.stats();
+    assert_eq!(stats.prefix_hits, 1, "{stats:?}");
+    assert!(stats.prefix_tokens_reused >= 40, "{stats:?}");
+    drop(a);
+
+    let uncached = OnnxEngine::start(&EngineConfig { prefix_cache_mb: 0, ..config_for(&dir, 2, 4, 512) })
+        .expect("engine");
+    let alone = text_and_ids(&generate(&uncached, request(&second, 12)).await);
+    assert!(!alone.1.is_empty());
+    assert_eq!(with_reuse, alone, "the shared prefix changed the output");
+}

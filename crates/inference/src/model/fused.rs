@@ -182,6 +182,22 @@ impl FusedModel {
         self.free.push(cache.slot);
     }
 
+    /// Keep a prompt's positions for prefix reuse as soon as it has run (`tokens`: the prompt), so
+    /// requests arriving meanwhile with the same start (a long system prompt) need not wait for this
+    /// one to finish. Its finished entry (prompt and output) later replaces this one.
+    pub fn remember_prompt(&mut self, cache: &Cache, tokens: &[u32]) {
+        let position_bytes = self.pool.kv.len() * self.shape.kv_heads * self.shape.head_dim * 4;
+        if self.staged != Some(cache.slot)
+            || tokens.len() != cache.len
+            || !self.prefixes.accepts(tokens.len(), tokens.len() * position_bytes)
+        {
+            return;
+        }
+        if let Some(kv) = self.staging.read_rows(0, cache.len, self.slot_len, &self.shape) {
+            self.prefixes.insert(tokens.to_vec(), kv);
+        }
+    }
+
     /// Before a prompt's first chunk: copy the longest cached prefix of `prompt` into staging and
     /// return how many positions were reused (the caller runs only the rest).
     pub fn reuse_prefix(&mut self, prompt: &[u32], cache: &mut Cache) -> Result<usize> {

@@ -195,6 +195,13 @@ impl DecoderModel {
         }
     }
 
+    /// A prompt has run: offer its positions for prefix reuse, where the layout keeps any.
+    pub fn remember_prompt(&mut self, cache: &KvCache, prompt: &[u32]) {
+        if let (Self::Fused(m), KvCache::Fused(c)) = (self, cache) {
+            m.remember_prompt(c, prompt);
+        }
+    }
+
     /// Before a prompt runs: reuse the longest cached prefix of `prompt`; returns how many
     /// positions are already in `cache` (the caller runs only the rest).
     pub fn reuse_prefix(&mut self, prompt: &[u32], cache: &mut KvCache) -> Result<usize> {

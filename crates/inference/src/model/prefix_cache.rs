@@ -1,6 +1,6 @@
-//! Prefix reuse: the attention cache of finished sequences, kept so that a request starting with
-//! the same tokens (a shared system prompt, the earlier turns of the same conversation) copies
-//! those positions instead of recomputing them.
+//! Prefix reuse: the attention cache of prompts that have run and of finished sequences, kept so
+//! that a request starting with the same tokens (a shared system prompt, the earlier turns of the
+//! same conversation) copies those positions instead of recomputing them.
 //!
 //! Entries are compact (`[tensor][kv_head][position][head_dim]`, only the positions that were
 //! cached), bounded in bytes, and evicted least recently used first. An entry that another entry
