@@ -6,6 +6,10 @@ use std::path::PathBuf;
 /// Errors from loading a model or generating text.
 #[derive(Debug, thiserror::Error)]
 pub enum InferenceError {
+    /// Engine settings that cannot work with this model on this machine.
+    #[error("engine settings: {0}")]
+    Config(String),
+
     /// The ONNX Runtime shared library could not be loaded.
     #[error(
         "could not load the ONNX Runtime library at {path}: {reason}. \

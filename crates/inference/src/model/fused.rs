@@ -107,6 +107,8 @@ impl FusedModel {
         let slot_len = options.slot_len.max(1);
         let rt = InferenceError::runtime;
         let rows = slots + usize::from(options.batch_invariant);
+        let position_bytes = shape.layers * 2 * shape.kv_heads * shape.head_dim * 4;
+        check_pool_fits(rows + 1, slot_len, position_bytes, physical_memory_bytes())?;
         let pool = Buffers::new(&session, &shape, &past_names, &present_names, rows, slot_len)?;
         let mut staging = Buffers::new(&session, &shape, &past_names, &present_names, 1, slot_len)?;
         let mut staging_logits =
@@ -406,6 +408,32 @@ impl Buffers {
     }
 }
 
+/// Refuse a pool (its rows plus staging) larger than the machine's memory: allocating it would
+/// abort the process, and filling it would bring in the OOM killer. Memory is taken as positions
+/// are written, so a pool that fits may still be larger than what is free; that is the operator's
+/// sizing (docs/configuration.md), not an error.
+fn check_pool_fits(rows: usize, slot_len: usize, position_bytes: usize, memory: Option<u64>) -> Result<()> {
+    let Some(memory) = memory else { return Ok(()) };
+    let bytes = (rows as u128).saturating_mul(slot_len as u128).saturating_mul(position_bytes as u128);
+    if bytes > u128::from(memory) {
+        return Err(InferenceError::Config(format!(
+            "the KV pool would need {} MiB ({rows} rows x {slot_len} positions x {position_bytes} bytes), \
+             more than this machine's {} MiB: lower --max-active-sequences or --context-length",
+            bytes >> 20,
+            memory >> 20
+        )));
+    }
+    Ok(())
+}
+
+/// Physical memory from /proc/meminfo (Linux); `None` where it cannot be read.
+fn physical_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 =
+        info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.split_whitespace().next()?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// Layers, KV heads, head size and vocabulary from the graph, naming whatever is missing.
 fn discover_shape(session: &Session, files: &ModelFiles) -> Result<ModelShape> {
     let fail = |reason: String| unsupported(files, format!("fused layout (input 'seqlens_k'): {reason}"));
@@ -436,4 +464,20 @@ fn discover_shape(session: &Session, files: &ModelFiles) -> Result<ModelShape> {
         io.vocab_size.ok_or_else(|| fail("the logits' vocabulary dimension is not fixed".into()))?;
     let layers = io.layers;
     Ok(ModelShape { layers, kv_heads, head_dim, vocab_size })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_larger_than_memory_is_a_clear_error() {
+        // SmolLM2: 46,080 bytes per position.
+        assert!(check_pool_fits(9, 4096, 46_080, Some(24 << 30)).is_ok());
+        let err = check_pool_fits(257, 1 << 20, 46_080, Some(24 << 30)).err().map(|e| e.to_string());
+        assert!(err.as_deref().is_some_and(|e| e.contains("--context-length")), "{err:?}");
+        assert!(check_pool_fits(usize::MAX, usize::MAX, usize::MAX, Some(1)).is_err(), "no overflow");
+        assert!(check_pool_fits(257, 1 << 20, 46_080, None).is_ok(), "unknown memory: not checked");
+        assert!(physical_memory_bytes().is_some_and(|m| m > 0));
+    }
 }
