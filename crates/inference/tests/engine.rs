@@ -219,8 +219,9 @@ async fn invalid_requests_are_rejected_before_queueing() {
 
 #[tokio::test]
 async fn dropping_the_stream_cancels_generation() {
-    // Three other generations share the worker (round-robin), so the one under test advances a
-    // step only every fourth turn: dropping it after its first token always lands mid-generation.
+    // Three other generations share each step (this layout runs them one after another), so the
+    // one under test gets a token only every fourth forward pass: dropping it after its first
+    // token always lands mid-generation.
     let engine = tiny_engine(4, 8);
     let mut ballast = Vec::new();
     for _ in 0..3 {
