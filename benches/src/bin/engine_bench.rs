@@ -93,17 +93,12 @@ fn memory_mib() -> (f64, f64) {
 fn main() -> Result<(), AnyError> {
     let args = Args::parse();
     let engine = OnnxEngine::start(&EngineConfig {
-        model_dir: args.model.clone(),
-        ort_dylib_path: args.ort.clone(),
         intra_threads: args.threads,
         max_active: args.slots,
-        queue_capacity: 1,
-        prefill_chunk: streamgate_inference::DEFAULT_PREFILL_CHUNK,
-        context_length: None,
         // Every run repeats the prompt: reuse would measure a copy, not prompt processing.
         prefix_cache_mb: 0,
-        prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
         batch_invariant: args.batch_invariant,
+        ..EngineConfig::new(args.model.clone(), args.ort.clone())
     })?;
     let (loaded_rss, _) = memory_mib();
     let long = match &args.long_prompt_file {

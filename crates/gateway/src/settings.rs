@@ -145,7 +145,7 @@ pub struct Settings {
 
     /// Megabytes of finished generations' KV kept so a prompt that starts the same way (a system
     /// prompt, a conversation's earlier turns) is not recomputed; 0 turns prefix reuse off.
-    #[arg(long, env = "STREAMGATE_PREFIX_CACHE_MB", default_value_t = 256)]
+    #[arg(long, env = "STREAMGATE_PREFIX_CACHE_MB", default_value_t = streamgate_inference::DEFAULT_PREFIX_CACHE_MB)]
     pub prefix_cache_mb: usize,
 
     /// Browser origins allowed by CORS, exactly (comma-separated), e.g. https://app.example.com.

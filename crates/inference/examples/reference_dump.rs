@@ -65,16 +65,8 @@ fn main() -> Result<(), AnyError> {
     };
 
     let engine = OnnxEngine::start(&EngineConfig {
-        model_dir: input.model.clone(),
-        ort_dylib_path: input.ort.clone(),
         intra_threads: input.threads,
-        max_active: 1,
-        queue_capacity: 1,
-        prefill_chunk: streamgate_inference::DEFAULT_PREFILL_CHUNK,
-        context_length: None,
-        prefix_cache_mb: 64,
-        prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
-        batch_invariant: false,
+        ..EngineConfig::new(input.model.clone(), input.ort.clone())
     })?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (greedy_ids, finish_reason) = runtime.block_on(async {

@@ -28,7 +28,8 @@ pub use generator::{
 pub use mock::{MockConfig, MockEngine};
 pub use sampling::SamplingParams;
 pub use scheduler::{
-    DEFAULT_MAX_CONTEXT, DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_PACE, EngineConfig, OnnxEngine,
+    DEFAULT_MAX_CONTEXT, DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_PACE, DEFAULT_PREFIX_CACHE_MB, EngineConfig,
+    OnnxEngine,
 };
 
 #[cfg(test)]

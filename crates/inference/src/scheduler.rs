@@ -71,6 +71,28 @@ pub struct EngineConfig {
     pub batch_invariant: bool,
 }
 
+impl EngineConfig {
+    /// One sequence at a time, one thread, a one-deep queue, every other setting at its default:
+    /// what a library caller or a test starts from (`EngineConfig { max_active: 8, ..base }`).
+    pub fn new(model_dir: PathBuf, ort_dylib_path: PathBuf) -> Self {
+        Self {
+            model_dir,
+            ort_dylib_path,
+            intra_threads: 1,
+            max_active: 1,
+            queue_capacity: 1,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            context_length: None,
+            prefix_cache_mb: DEFAULT_PREFIX_CACHE_MB,
+            prefill_pace: DEFAULT_PREFILL_PACE,
+            batch_invariant: false,
+        }
+    }
+}
+
+/// Default megabytes of KV kept for prefix reuse.
+pub const DEFAULT_PREFIX_CACHE_MB: usize = 256;
+
 /// A prompt chunk takes about one decode step while others decode: their inter-token gaps at most
 /// about double while a long prompt is admitted.
 pub const DEFAULT_PREFILL_PACE: f64 = 1.0;

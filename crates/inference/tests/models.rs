@@ -15,18 +15,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn start(dir: &Path) -> Result<OnnxEngine, InferenceError> {
-    OnnxEngine::start(&EngineConfig {
-        model_dir: dir.to_path_buf(),
-        ort_dylib_path: ort_dylib(),
-        intra_threads: 1,
-        max_active: 1,
-        queue_capacity: 1,
-        prefill_chunk: streamgate_inference::DEFAULT_PREFILL_CHUNK,
-        context_length: None,
-        prefix_cache_mb: 64,
-        prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
-        batch_invariant: false,
-    })
+    OnnxEngine::start(&EngineConfig::new(dir.to_path_buf(), ort_dylib()))
 }
 
 #[test]

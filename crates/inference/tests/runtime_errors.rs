@@ -8,18 +8,7 @@ use common::*;
 use streamgate_inference::{EngineConfig, InferenceError, OnnxEngine};
 
 fn config(model_dir: std::path::PathBuf, dylib: std::path::PathBuf) -> EngineConfig {
-    EngineConfig {
-        model_dir,
-        ort_dylib_path: dylib,
-        intra_threads: 1,
-        max_active: 1,
-        queue_capacity: 1,
-        prefill_chunk: streamgate_inference::DEFAULT_PREFILL_CHUNK,
-        context_length: None,
-        prefix_cache_mb: 64,
-        prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
-        batch_invariant: false,
-    }
+    EngineConfig::new(model_dir, dylib)
 }
 
 #[test]

@@ -90,16 +90,10 @@ fn tiny_state_with_logger(args: &[&str], logger: slog::Logger) -> web::Data<AppS
     let mut models = ModelRegistry::new();
     for version in ["v1", "v2"] {
         let engine = OnnxEngine::start(&EngineConfig {
-            model_dir: tiny_model(),
-            ort_dylib_path: ort_dylib(),
-            intra_threads: 1,
             max_active: s.max_active_sequences,
             queue_capacity: s.queue_capacity,
-            prefill_chunk: streamgate_inference::DEFAULT_PREFILL_CHUNK,
-            context_length: None,
             prefix_cache_mb: 64,
-            prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
-            batch_invariant: false,
+            ..EngineConfig::new(tiny_model(), ort_dylib())
         })
         .expect("tiny model loads (run `make setup`)");
         models.insert(version, Arc::new(engine) as Arc<dyn Generator>);

@@ -48,16 +48,11 @@ pub fn config_for(
     prefill_chunk: usize,
 ) -> EngineConfig {
     EngineConfig {
-        model_dir: model_dir.to_path_buf(),
-        ort_dylib_path: ort_dylib(),
-        intra_threads: 1,
         max_active,
         queue_capacity,
         prefill_chunk,
-        context_length: None,
         prefix_cache_mb: 64,
-        prefill_pace: streamgate_inference::DEFAULT_PREFILL_PACE,
-        batch_invariant: false,
+        ..EngineConfig::new(model_dir.to_path_buf(), ort_dylib())
     }
 }
 
