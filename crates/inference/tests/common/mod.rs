@@ -22,6 +22,11 @@ pub fn tiny_fused_model_dir() -> PathBuf {
     repo_root().join("models/tiny-llama-fused")
 }
 
+/// The default model, SmolLM2-135M in the fused layout (`make setup` builds it).
+pub fn smollm2_dir() -> PathBuf {
+    repo_root().join(".cache/models/smollm2-135m-instruct")
+}
+
 /// The library `make setup` extracts (tests run through `make test`, which prepares it).
 pub fn ort_dylib() -> PathBuf {
     repo_root().join(DEFAULT_DYLIB_PATH)
