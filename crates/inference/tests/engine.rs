@@ -16,6 +16,10 @@ use streamgate_inference::{
     EngineConfig, FinishReason, GenerationEvent, Generator, InferenceError, OnnxEngine, SamplingParams,
 };
 
+/// A prompt SmolLM2 answers at length under greedy decoding (hundreds of tokens, no early EOS).
+const COUNTING: &str =
+    "<|im_start|>user\nCount from 1 to 300, separated by commas.<|im_end|>\n<|im_start|>assistant\n";
+
 const PROMPT: &str = "<|im_start|>user\nStreaming tokens to the browser<|im_end|>\n<|im_start|>assistant\n";
 
 fn finished(events: &[GenerationEvent]) -> (FinishReason, usize, usize) {
@@ -351,11 +355,9 @@ async fn concurrent_prompts_get_exactly_their_solo_tokens() {
 /// model (seconds per long generation), so that "A still runs" does not depend on timing.
 #[tokio::test]
 async fn a_cancelled_sequence_frees_its_slot_for_the_queue() {
-    let counting =
-        "<|im_start|>user\nCount from 1 to 300, separated by commas.<|im_end|>\n<|im_start|>assistant\n";
     let engine = engine_with(&smollm2_dir(), 2, 8, 512);
-    let mut a = engine.generate(request(counting, 250)).await.expect("a");
-    let mut b = engine.generate(request(counting, 250)).await.expect("b");
+    let mut a = engine.generate(request(COUNTING, 250)).await.expect("a");
+    let mut b = engine.generate(request(COUNTING, 250)).await.expect("b");
     assert!(matches!(a.next().await, Some(Ok(GenerationEvent::Token { .. }))));
     assert!(matches!(b.next().await, Some(Ok(GenerationEvent::Token { .. }))));
     // Both slots are taken: C waits in the queue.
@@ -397,10 +399,8 @@ async fn a_conversations_next_turn_reuses_its_prefix_exactly() {
 /// the running stream is certainly decoding while the prompt is admitted.
 #[tokio::test]
 async fn a_long_prompt_does_not_stall_running_streams() {
-    let counting =
-        "<|im_start|>user\nCount from 1 to 300, separated by commas.<|im_end|>\n<|im_start|>assistant\n";
     let engine = engine_with(&smollm2_dir(), 2, 4, 512);
-    let mut running = engine.generate(request(counting, 1000)).await.expect("running");
+    let mut running = engine.generate(request(COUNTING, 1000)).await.expect("running");
     assert!(matches!(running.next().await, Some(Ok(GenerationEvent::Token { .. }))));
     let long = "tokens stream to the browser as they are made ".repeat(20);
     let before = engine.stats().tokens_generated;
