@@ -55,9 +55,10 @@ run: setup ## start the gateway on the default model (http://127.0.0.1:8000)
 
 test: setup lint test-rust test-python test-browser ## every test: Rust, Python references, browser and client libraries
 
-lint: ## rustfmt and clippy (warnings are errors)
+lint: ## rustfmt, clippy (warnings are errors), and no import cycle between the gateway's modules
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
+	python3 scripts/check_import_cycles.py crates/gateway/src
 
 test-rust: setup
 	cargo build --quiet -p streamgate-inference --example reference_dump

@@ -55,13 +55,13 @@ fn default_max_tokens() -> usize {
 
 async fn stream(engine: web::Data<MockEngine>, body: web::Json<InferenceRequest>) -> HttpResponse {
     let body = body.into_inner();
-    let request = GenerationRequest {
-        prompt: body.prompt,
-        max_tokens: body.max_tokens.max(1),
-        sampling: SamplingParams::default(),
-        stop: Vec::new(),
+    let request =
+        GenerationRequest::new(body.prompt, body.max_tokens.max(1), SamplingParams::default(), vec![]);
+    let tokens = match request {
+        Ok(request) => engine.generate(request).await,
+        Err(e) => Err(e),
     };
-    let tokens = match engine.generate(request).await {
+    let tokens = match tokens {
         Ok(tokens) => tokens,
         Err(e) => return HttpResponse::BadRequest().body(e.to_string()),
     };

@@ -52,12 +52,7 @@ async fn measure(
     prompt: &str,
     max_tokens: usize,
 ) -> Result<(f64, f64, usize), AnyError> {
-    let request = GenerationRequest {
-        prompt: prompt.to_owned(),
-        max_tokens,
-        sampling: SamplingParams::default(),
-        stop: vec![],
-    };
+    let request = GenerationRequest::new(prompt, max_tokens, SamplingParams::default(), vec![])?;
     let started = Instant::now();
     let mut stream = engine.generate(request).await?;
     let (mut first, mut last, mut tokens) = (None, started, 0usize);

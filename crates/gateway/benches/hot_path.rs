@@ -17,10 +17,11 @@ use actix_web_lab::sse::Sse;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use governor::Quota;
 use governor::clock::{FakeRelativeClock, QuantaClock};
-use streamgate_gateway::client_identity::{ClientKey, ClientResolver};
+use streamgate_gateway::http::client_identity::{ClientKey, ClientResolver};
+use streamgate_gateway::http::rate_limit::GovernorLimiter;
 use streamgate_gateway::metrics::Metrics;
-use streamgate_gateway::rate_limit::GovernorLimiter;
-use streamgate_gateway::sse::{NativeFormat, StreamMetrics, TokenEvents};
+use streamgate_gateway::protocols::native::NativeFormat;
+use streamgate_gateway::sse::{StreamMetrics, TokenEvents};
 use streamgate_inference::{FinishReason, GenerationEvent, TokenStream, Usage};
 
 const CLIENTS: u32 = 1_000_000;

@@ -1,8 +1,10 @@
-//! The gateway's one error type, mapped to HTTP in exactly one place ([`ResponseError`]) and to an
-//! SSE event in exactly one place ([`ApiError::to_sse_data`]).
+//! The gateway's one error type and its one wire schema, mapped to HTTP in exactly one place
+//! ([`ApiError::response`]) and to an SSE event in exactly one place ([`ApiError::to_sse_data`]).
 //!
-//! Bodies are `{"error": {"code": "...", "message": "..."}}`. 5xx bodies carry a fixed message; the
-//! detail goes to the request log (the logging middleware reads the error off the response).
+//! A leaf module: it imports nothing from the rest of the crate. Bodies come in two styles of the
+//! same [`ErrorBody`] schema: streamgate's own `{"error": {"code", "message"}}`, and OpenAI's
+//! `{"error": {"code", "message", "type", "param"}}` for the OpenAI-compatible routes. 5xx bodies
+//! carry a fixed message; the detail goes to the request log (which reads it off the response).
 
 use std::time::Duration;
 
@@ -12,12 +14,15 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 use streamgate_inference::InferenceError;
+use utoipa::ToSchema;
 
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("the request body is not valid JSON: {0}")]
     InvalidJson(String),
+    #[error("the query string is not valid: {0}")]
+    InvalidQuery(String),
     #[error("{0}")]
     InvalidRequest(String),
     #[error("the request body is larger than {limit} bytes")]
@@ -53,44 +58,143 @@ pub enum ApiError {
 /// How long a client should wait before retrying a 503.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
+/// The machine-readable `error.code` of every error body (the OpenAPI document lists exactly these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidJson,
+    InvalidQuery,
+    InvalidRequest,
+    PromptTooLong,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    NotFound,
+    UnknownModelVersion,
+    /// The OpenAI-style code for an unknown `model`.
+    ModelNotFound,
+    MethodNotAllowed,
+    OriginNotAllowed,
+    Unauthorized,
+    RateLimited,
+    TooManyStreams,
+    Overloaded,
+    NotReady,
+    ShuttingDown,
+    EngineStopped,
+    InternalError,
 }
 
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: &'a str,
-    message: String,
-}
+impl ErrorCode {
+    pub const ALL: [Self; 19] = [
+        Self::InvalidJson,
+        Self::InvalidQuery,
+        Self::InvalidRequest,
+        Self::PromptTooLong,
+        Self::PayloadTooLarge,
+        Self::UnsupportedMediaType,
+        Self::NotFound,
+        Self::UnknownModelVersion,
+        Self::ModelNotFound,
+        Self::MethodNotAllowed,
+        Self::OriginNotAllowed,
+        Self::Unauthorized,
+        Self::RateLimited,
+        Self::TooManyStreams,
+        Self::Overloaded,
+        Self::NotReady,
+        Self::ShuttingDown,
+        Self::EngineStopped,
+        Self::InternalError,
+    ];
 
-impl ApiError {
-    /// A stable, machine-readable code.
-    pub fn code(&self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
-            Self::InvalidJson(_) => "invalid_json",
-            Self::InvalidRequest(_) => "invalid_request",
-            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::InvalidJson => "invalid_json",
+            Self::InvalidQuery => "invalid_query",
+            Self::InvalidRequest => "invalid_request",
+            Self::PromptTooLong => "prompt_too_long",
+            Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
-            Self::NotFound(_) => "not_found",
-            Self::UnknownVersion(_) => "unknown_model_version",
+            Self::NotFound => "not_found",
+            Self::UnknownModelVersion => "unknown_model_version",
+            Self::ModelNotFound => "model_not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::OriginNotAllowed => "origin_not_allowed",
             Self::Unauthorized => "unauthorized",
             Self::RateLimited => "rate_limited",
-            Self::TooManyStreams { .. } => "too_many_streams",
-            Self::Overloaded(_) => "overloaded",
+            Self::TooManyStreams => "too_many_streams",
+            Self::Overloaded => "overloaded",
             Self::NotReady => "not_ready",
             Self::ShuttingDown => "shutting_down",
-            Self::Inference(e) => match e {
-                InferenceError::InvalidRequest(_) => "invalid_request",
-                InferenceError::PromptTooLong { .. } => "prompt_too_long",
-                InferenceError::Overloaded { .. } => "overloaded",
-                InferenceError::EngineStopped => "engine_stopped",
-                _ => "internal_error",
-            },
-            Self::Internal(_) => "internal_error",
+            Self::EngineStopped => "engine_stopped",
+            Self::InternalError => "internal_error",
         }
+    }
+}
+
+/// Which shape an error body takes: ours, or OpenAI's (under `/v1/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorStyle {
+    Native,
+    OpenAi,
+}
+
+/// Every error body, in both styles.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"error": {"code": "invalid_request", "message": "prompt must not be empty"}}))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    /// What went wrong, for people (5xx: a fixed message).
+    pub message: String,
+    /// OpenAI style only: `invalid_request_error`, `authentication_error`, `permission_error`,
+    /// `not_found_error`, `rate_limit_error` or `server_error`.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub kind: Option<&'static str>,
+    /// OpenAI style only: always `null`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>, nullable = true)]
+    pub param: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    /// The stable, machine-readable code (native style).
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidJson(_) => ErrorCode::InvalidJson,
+            Self::InvalidQuery(_) => ErrorCode::InvalidQuery,
+            Self::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            Self::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            Self::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::UnknownVersion(_) => ErrorCode::UnknownModelVersion,
+            Self::MethodNotAllowed => ErrorCode::MethodNotAllowed,
+            Self::OriginNotAllowed => ErrorCode::OriginNotAllowed,
+            Self::Unauthorized => ErrorCode::Unauthorized,
+            Self::RateLimited => ErrorCode::RateLimited,
+            Self::TooManyStreams { .. } => ErrorCode::TooManyStreams,
+            Self::Overloaded(_) => ErrorCode::Overloaded,
+            Self::NotReady => ErrorCode::NotReady,
+            Self::ShuttingDown => ErrorCode::ShuttingDown,
+            Self::Inference(e) => match e {
+                InferenceError::InvalidRequest(_) => ErrorCode::InvalidRequest,
+                InferenceError::PromptTooLong { .. } => ErrorCode::PromptTooLong,
+                InferenceError::Overloaded { .. } => ErrorCode::Overloaded,
+                InferenceError::EngineStopped => ErrorCode::EngineStopped,
+                _ => ErrorCode::InternalError,
+            },
+            Self::Internal(_) => ErrorCode::InternalError,
+        }
+    }
+
+    /// The code as a string.
+    pub fn code(&self) -> &'static str {
+        self.error_code().as_str()
     }
 
     /// The message a client sees: the error itself, except for server faults.
@@ -107,29 +211,84 @@ impl ApiError {
         self.status_code() == StatusCode::SERVICE_UNAVAILABLE || matches!(self, Self::TooManyStreams { .. })
     }
 
+    /// The body of this error in `style`.
+    pub fn body(&self, style: ErrorStyle) -> ErrorBody {
+        let message = self.public_message();
+        let error = match style {
+            ErrorStyle::Native => ErrorDetail { code: self.error_code(), message, kind: None, param: None },
+            ErrorStyle::OpenAi => ErrorDetail {
+                code: match self {
+                    Self::UnknownVersion(_) => ErrorCode::ModelNotFound,
+                    other => other.error_code(),
+                },
+                message,
+                kind: Some(match self.status_code().as_u16() {
+                    401 => "authentication_error",
+                    403 => "permission_error",
+                    404 => "not_found_error",
+                    429 => "rate_limit_error",
+                    500..=599 => "server_error",
+                    _ => "invalid_request_error",
+                }),
+                param: Some(serde_json::Value::Null),
+            },
+        };
+        ErrorBody { error }
+    }
+
     /// The JSON of an error sent inside an SSE stream, as a `data:` line (clients that only read
     /// `data:` see it; an `event: error` would collide with EventSource's own error event).
     pub fn to_sse_data(&self) -> String {
-        serde_json::to_string(&ErrorBody {
-            error: ErrorDetail { code: self.code(), message: self.public_message() },
+        self.to_json(ErrorStyle::Native)
+    }
+
+    /// The body as JSON text.
+    pub fn to_json(&self, style: ErrorStyle) -> String {
+        serde_json::to_string(&self.body(style)).unwrap_or_else(|_| {
+            r#"{"error":{"code":"internal_error","message":"internal server error"}}"#.into()
         })
-        .unwrap_or_else(|_| r#"{"error":{"code":"internal_error","message":"internal server error"}}"#.into())
+    }
+
+    /// The HTTP response for this error in `style`: status, `Retry-After` where it applies,
+    /// `WWW-Authenticate` for 401, and the JSON body.
+    pub fn response(&self, style: ErrorStyle) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if self.is_retryable() {
+            response.insert_header((header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER.as_secs())));
+        }
+        if matches!(self, Self::Unauthorized) {
+            response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        response.json(self.body(style))
+    }
+
+    /// The same, as an actix error that renders in `style` (for middleware and extractors).
+    pub fn styled(self, style: ErrorStyle) -> actix_web::Error {
+        StyledError { error: self, style }.into()
     }
 }
 
-/// The error response for a request path: OpenAI's shape under `/v1/` (the OpenAI-compatible
-/// API), ours everywhere else. Middleware and extractor errors go through here.
-pub fn error_response_for(path: &str, error: ApiError) -> HttpResponse {
-    if path.starts_with("/v1/") {
-        crate::routes::openai::OpenAiError(error).error_response()
-    } else {
-        error.error_response()
+/// An [`ApiError`] that renders in a chosen style (same status and headers).
+#[derive(Debug)]
+pub struct StyledError {
+    pub error: ApiError,
+    pub style: ErrorStyle,
+}
+
+impl std::fmt::Display for StyledError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
     }
 }
 
-/// The same, as an actix error (for extractor error handlers).
-pub fn error_for(path: &str, error: ApiError) -> actix_web::Error {
-    if path.starts_with("/v1/") { crate::routes::openai::OpenAiError(error).into() } else { error.into() }
+impl ResponseError for StyledError {
+    fn status_code(&self) -> StatusCode {
+        self.error.status_code()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        self.error.response(self.style)
+    }
 }
 
 impl From<InferenceError> for ApiError {
@@ -166,7 +325,7 @@ impl From<QueryPayloadError> for ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            Self::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidJson(_) | Self::InvalidQuery(_) => StatusCode::BAD_REQUEST,
             Self::InvalidRequest(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -190,14 +349,7 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        let mut response = HttpResponse::build(self.status_code());
-        if self.is_retryable() {
-            response.insert_header((header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER.as_secs())));
-        }
-        if matches!(self, Self::Unauthorized) {
-            response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
-        }
-        response.json(ErrorBody { error: ErrorDetail { code: self.code(), message: self.public_message() } })
+        self.response(ErrorStyle::Native)
     }
 }
 
@@ -209,6 +361,7 @@ mod tests {
     fn statuses_and_codes() {
         let cases: Vec<(ApiError, u16, &str)> = vec![
             (ApiError::InvalidJson("x".into()), 400, "invalid_json"),
+            (ApiError::InvalidQuery("x".into()), 400, "invalid_query"),
             (ApiError::InvalidRequest("x".into()), 422, "invalid_request"),
             (ApiError::PayloadTooLarge { limit: 1 }, 413, "payload_too_large"),
             (ApiError::UnsupportedMediaType, 415, "unsupported_media_type"),
@@ -223,11 +376,20 @@ mod tests {
                 422,
                 "prompt_too_long",
             ),
+            (InferenceError::EngineStopped.into(), 503, "engine_stopped"),
             (InferenceError::Runtime("onnx exploded".into()).into(), 500, "internal_error"),
         ];
         for (err, status, code) in cases {
             assert_eq!(err.status_code().as_u16(), status, "{err}");
             assert_eq!(err.code(), code);
+        }
+    }
+
+    #[test]
+    fn the_documented_codes_are_the_codes_sent() {
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_value(code).unwrap_or_default();
+            assert_eq!(json.as_str(), Some(code.as_str()));
         }
     }
 
@@ -245,5 +407,18 @@ mod tests {
         let data = ApiError::ShuttingDown.to_sse_data();
         let v: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
         assert_eq!(v["error"]["code"], "shutting_down");
+        assert!(v["error"].get("type").is_none() && v["error"].get("param").is_none());
+    }
+
+    #[test]
+    fn openai_style_has_type_param_and_its_own_not_found_code() {
+        let v: serde_json::Value =
+            serde_json::from_str(&ApiError::UnknownVersion("v9".into()).to_json(ErrorStyle::OpenAi))
+                .unwrap_or_default();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["type"], "not_found_error");
+        assert!(v["error"]["param"].is_null() && v["error"].get("param").is_some());
+        let limited = ApiError::RateLimited.styled(ErrorStyle::OpenAi).error_response();
+        assert_eq!(limited.status().as_u16(), 429);
     }
 }

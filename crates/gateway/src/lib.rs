@@ -1,23 +1,35 @@
 //! streamgate's HTTP gateway: actix-web routes that turn the inference crate's token streams into
 //! server-sent events. It depends on inference only through the `Generator` trait.
 //!
-//! A request reads top to bottom: [`request_log`], [`cors`] and [`rate_limit`] middleware → [`routes`] (wire types,
-//! validation) → [`sse`] (events, `[DONE]`, keep-alive) → `Generator::generate`.
+//! Layers, each importing only the ones below it (`make lint` checks there is no import cycle):
+//! - [`app`] builds the application; [`server`] runs it;
+//! - [`protocols`] (native, OpenAI, AI SDK wire formats) and [`routes`] (page, docs, metrics,
+//!   models, health) are the handlers;
+//! - [`generation`] validates a request once and streams or collects it; [`state`] is what
+//!   handlers share;
+//! - [`sse`] turns a token stream into events in any format; [`http`] is the middleware and
+//!   the one path table; [`metrics`], [`model_registry`], [`settings`], [`logging`];
+//! - [`error`], the leaf.
+//!
+//! A request reads top to bottom: [`http::request_log`], [`http::cors`] and [`http::rate_limit`]
+//! middleware → a protocol handler (wire types) → [`generation`] (validation, stream slot) →
+//! `Generator::generate` → [`sse`] (events, `[DONE]`, keep-alive).
 
 pub mod app;
-pub mod client_identity;
-pub mod cors;
 pub mod error;
+pub mod generation;
+pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod model_registry;
-pub mod rate_limit;
-pub mod request_log;
+pub mod protocols;
 pub mod routes;
 pub mod server;
 pub mod settings;
 pub mod sse;
+pub mod state;
 
-pub use app::{AppState, create_app};
+pub use app::create_app;
 pub use error::ApiError;
 pub use settings::Settings;
+pub use state::AppState;

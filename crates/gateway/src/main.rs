@@ -3,10 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use streamgate_gateway::app::AppState;
 use streamgate_gateway::logging::json_logger;
 use streamgate_gateway::server::{fatal, load_models, serve};
 use streamgate_gateway::settings::Settings;
+use streamgate_gateway::state::AppState;
 
 fn main() -> ExitCode {
     let settings = Settings::parse();

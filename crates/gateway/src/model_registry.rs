@@ -5,8 +5,6 @@ use std::sync::Arc;
 
 use streamgate_inference::Generator;
 
-use crate::error::ApiError;
-
 /// Version name → engine. Built once at start-up; read-only afterwards.
 #[derive(Clone, Default)]
 pub struct ModelRegistry {
@@ -22,9 +20,9 @@ impl ModelRegistry {
         self.models.insert(version.into(), model);
     }
 
-    /// The engine serving `version`, or a 404 error naming it.
-    pub fn get(&self, version: &str) -> Result<&Arc<dyn Generator>, ApiError> {
-        self.models.get(version).ok_or_else(|| ApiError::UnknownVersion(version.to_owned()))
+    /// The engine serving `version`.
+    pub fn get(&self, version: &str) -> Option<&Arc<dyn Generator>> {
+        self.models.get(version)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<dyn Generator>)> {

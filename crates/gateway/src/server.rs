@@ -11,9 +11,10 @@ use actix_web::{HttpServer, web};
 use slog::{Logger, error, info};
 use streamgate_inference::{EngineConfig, Generator, MockConfig, MockEngine, OnnxEngine};
 
-use crate::app::{AppState, create_app};
+use crate::app::create_app;
 use crate::model_registry::ModelRegistry;
 use crate::settings::{EngineKind, Settings};
+use crate::state::AppState;
 
 /// Load each `--model VERSION=DIR` on its own engine (worker thread + ORT session).
 pub fn load_models(settings: &Settings, logger: &Logger) -> Result<ModelRegistry, String> {
@@ -82,7 +83,7 @@ pub async fn serve(state: web::Data<AppState>) -> std::io::Result<()> {
             actix_web::rt::time::interval(Duration::from_secs(sweeper.settings.rate_limit_evict_secs));
         loop {
             every.tick().await;
-            let tracked = sweeper.rate_limits.evict_idle();
+            let tracked = sweeper.client_gate.limits.evict_idle();
             slog::debug!(sweeper.logger, "rate limiter sweep"; "tracked_clients" => tracked);
         }
     });

@@ -9,8 +9,8 @@ use std::num::NonZeroU32;
 
 use clap::Parser;
 
-use crate::client_identity::Cidr;
-use crate::rate_limit::{RateRule, ScopedRule};
+use crate::http::client_identity::Cidr;
+use crate::http::rate_limit::{RateRule, ScopedRule};
 
 /// A model version served at `/api/<version>/…`, from a model folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -310,7 +310,7 @@ impl Settings {
             );
         }
         for origin in &self.allowed_origins {
-            if let Err(message) = crate::cors::check_origin_setting(origin) {
+            if let Err(message) = crate::http::cors::check_origin_setting(origin) {
                 return fail("--allowed-origins / ALLOWED_ORIGINS", message);
             }
         }
@@ -327,12 +327,12 @@ impl Settings {
             );
         }
         if let Err(message) =
-            crate::client_identity::ApiKeys::load(&self.api_keys, self.api_keys_file.as_deref())
+            crate::http::client_identity::ApiKeys::load(&self.api_keys, self.api_keys_file.as_deref())
         {
             return fail("--api-keys / API_KEYS / API_KEYS_FILE", message);
         }
         if let Some(pattern) = &self.allowed_origin_regex
-            && let Err(e) = crate::cors::compile_origin_regex(pattern)
+            && let Err(e) = crate::http::cors::compile_origin_regex(pattern)
         {
             return fail("--allowed-origin-regex / ALLOWED_ORIGIN_REGEX", e.to_string());
         }

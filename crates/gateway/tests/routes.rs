@@ -47,11 +47,14 @@ async fn post_stream_sends_token_events_finish_and_done() {
     assert!(["stop", "length"].contains(&finish["finish_reason"].as_str().unwrap()));
     assert!(finish["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
     let tokens = &data[..data.len() - 2];
-    assert_eq!(tokens.len(), completion, "one event per token");
-    for (i, t) in tokens.iter().enumerate() {
+    assert!(!tokens.is_empty() && tokens.len() <= completion, "one event per token with text");
+    let mut last_index = None;
+    for t in tokens {
         let v: Value = serde_json::from_str(t).unwrap();
-        assert_eq!(v["index"], i);
-        assert!(v["text"].is_string());
+        let index = v["index"].as_u64().unwrap() as usize;
+        assert!(index < completion && last_index.is_none_or(|l| index > l), "indexes count tokens: {t}");
+        assert!(!v["text"].as_str().unwrap().is_empty(), "no event without text: {t}");
+        last_index = Some(index);
     }
 }
 
@@ -399,4 +402,116 @@ async fn chat_flag_applies_the_model_template() {
     let v: Value = serde_json::from_str(&body).unwrap();
     // ChatML wrapping of "hi" is 9+ tokens in the tiny vocabulary; the bare prompt is 1-2.
     assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 5, "{body}");
+}
+
+#[actix_web::test]
+async fn invalid_utf8_in_a_query_string_is_a_400_json_error() {
+    let app = test::init_service(create_app(tiny_state(&[]))).await;
+    for uri in [
+        "/api/v1/inference/stream?prompt=%ff%fe",
+        "/api/v1/inference/stream?prompt=ok&stop=%c3",
+        "/api/v1/inference/stream?%ff=1&prompt=ok",
+    ] {
+        let res = test::call_service(&app, TestRequest::get().uri(uri).to_request()).await;
+        assert_eq!(res.status(), 400, "{uri}");
+        assert_eq!(res.headers().get(header::CONTENT_TYPE).unwrap(), "application/json", "{uri}");
+        let body = String::from_utf8_lossy(&test::read_body(res).await).into_owned();
+        assert_eq!(error_code(&body), "invalid_query", "{uri}: {body}");
+    }
+    // Valid percent-encoded UTF-8 still streams.
+    let ok = TestRequest::get().uri("/api/v1/inference/stream?prompt=caf%C3%A9+au+lait&max_tokens=2");
+    let res = test::call_service(&app, ok.to_request()).await;
+    assert_eq!(res.status(), 200);
+}
+
+#[actix_web::test]
+async fn every_route_in_the_path_table_is_served_and_405_says_allow() {
+    use streamgate_gateway::http::paths::ROUTES;
+    let app = test::init_service(create_app(tiny_state(&[]))).await;
+    for route in ROUTES {
+        let uri = route.pattern.replace("{version}", "v1");
+        for method in route.allow.split(", ") {
+            let req = TestRequest::default()
+                .method(method.parse().unwrap())
+                .uri(&uri)
+                .insert_header((header::CONTENT_TYPE, "application/json"))
+                .set_payload("{}");
+            let res = test::call_service(&app, req.to_request()).await;
+            assert!(![404, 405].contains(&res.status().as_u16()), "{method} {uri}: {}", res.status());
+        }
+        for method in ["DELETE", "PUT", "PATCH", "TRACE"] {
+            let req = TestRequest::default().method(method.parse().unwrap()).uri(&uri);
+            let res = test::call_service(&app, req.to_request()).await;
+            assert_eq!(res.status(), 405, "{method} {uri}");
+            assert_eq!(res.headers().get(header::ALLOW).unwrap(), route.allow, "{method} {uri}");
+            let body = String::from_utf8_lossy(&test::read_body(res).await).into_owned();
+            assert_eq!(error_code(&body), "method_not_allowed", "{method} {uri}");
+        }
+    }
+    // The OpenAI routes answer in OpenAI's error style.
+    let res = test::call_service(&app, TestRequest::delete().uri("/v1/models").to_request()).await;
+    let body: Value = test::read_body_json(res).await;
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+}
+
+/// Every data event of a stream, as JSON (not `[DONE]`).
+fn events(body: &str) -> Vec<Value> {
+    sse_data(body).iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect()
+}
+
+#[actix_web::test]
+async fn no_stream_carries_an_event_with_empty_text() {
+    let app = test::init_service(create_app(tiny_state(&[]))).await;
+    // Multi-byte characters and sampling at temperature 1 make the tiny model emit tokens whose
+    // text is held back (partial characters) and end-of-sequence tokens, which have no text.
+    let mut token_events = 0;
+    for seed in 0..6 {
+        let native = json!({"prompt": "Café 中文 🚀", "max_tokens": 40, "temperature": 1.0, "seed": seed});
+        let res = test::call_service(&app, post_json(STREAM, &native.to_string()).to_request()).await;
+        let body = String::from_utf8_lossy(&test::read_body(res).await).into_owned();
+        for e in events(&body).iter().filter(|e| e.get("text").is_some()) {
+            token_events += 1;
+            assert_ne!(e["text"], "", "native: {e}");
+        }
+        let openai = json!({"model": "v1", "stream": true, "max_tokens": 40, "seed": seed,
+            "messages": [{"role": "user", "content": "Café 中文 🚀"}]});
+        let res =
+            test::call_service(&app, post_json("/v1/chat/completions", &openai.to_string()).to_request())
+                .await;
+        let body = String::from_utf8_lossy(&test::read_body(res).await).into_owned();
+        for e in events(&body).iter().skip(1) {
+            assert_ne!(e["choices"][0]["delta"]["content"], "", "openai: {e}");
+        }
+        let ai_sdk = json!({"max_tokens": 40, "temperature": 1.0,
+            "messages": [{"role": "user", "parts": [{"type": "text", "text": "Café 中文 🚀"}]}]});
+        let res = test::call_service(&app, post_json("/api/v1/chat", &ai_sdk.to_string()).to_request()).await;
+        let body = String::from_utf8_lossy(&test::read_body(res).await).into_owned();
+        for e in events(&body).iter().filter(|e| e["type"] == "text-delta") {
+            assert_ne!(e["delta"], "", "ai-sdk: {e}");
+        }
+    }
+    assert!(token_events > 0, "the native streams sent tokens");
+}
+
+#[actix_web::test]
+async fn the_openapi_document_states_the_served_bounds_and_versions() {
+    let app = test::init_service(create_app(tiny_state(&["--max-tokens-limit", "300"]))).await;
+    let doc: Value = test::read_body_json(
+        test::call_service(&app, TestRequest::get().uri("/api/openapi.json").to_request()).await,
+    )
+    .await;
+    let request = &doc["components"]["schemas"]["InferenceRequest"];
+    assert_eq!(request["properties"]["max_tokens"]["maximum"], 300);
+    assert_eq!(request["properties"]["prompt"]["minLength"], 1);
+    assert_eq!(request["additionalProperties"], false, "unknown fields are refused");
+    let version = &doc["paths"]["/api/{version}/models"]["get"]["parameters"][0]["schema"]["enum"];
+    assert_eq!(version, &json!(["v1", "v2"]));
+    // Integers written as whole floats are integers (JSON Schema), and accepted.
+    let res = test::call_service(
+        &app,
+        post_json("/api/v1/inference", r#"{"prompt":"a","max_tokens":2.0,"seed":7.0,"top_k":3.0}"#)
+            .to_request(),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
 }

@@ -70,12 +70,8 @@ fn main() -> Result<(), AnyError> {
     })?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (greedy_ids, finish_reason) = runtime.block_on(async {
-        let request = GenerationRequest {
-            prompt: input.prompt.clone(),
-            max_tokens: input.steps,
-            sampling: SamplingParams::default(),
-            stop: vec![],
-        };
+        let request =
+            GenerationRequest::new(input.prompt.clone(), input.steps, SamplingParams::default(), vec![])?;
         let mut stream = engine.generate(request).await?;
         let mut ids = Vec::new();
         let mut reason = None;

@@ -16,14 +16,65 @@ use crate::error::{InferenceError, Result};
 use crate::sampling::SamplingParams;
 
 /// One generation: a prompt (already in the model's prompt format) and how to continue it.
+///
+/// Valid by construction ([`GenerationRequest::new`] is the only way to build one), so the
+/// engines never check the same fields again: a caller that validates its own limits first (the
+/// gateway) gets each field checked exactly once.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
-    pub prompt: String,
+    prompt: String,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+}
+
+impl GenerationRequest {
+    /// Checks what every engine relies on: a non-empty prompt, `max_tokens` ≥ 1, sampling
+    /// parameters in range ([`SamplingParams::validate`]) and non-empty stop sequences.
+    pub fn new(
+        prompt: impl Into<String>,
+        max_tokens: usize,
+        sampling: SamplingParams,
+        stop: Vec<String>,
+    ) -> Result<Self> {
+        let prompt = prompt.into();
+        let invalid = |m: &str| Err(InferenceError::InvalidRequest(m.to_owned()));
+        if prompt.is_empty() {
+            return invalid("prompt must not be empty");
+        }
+        if max_tokens == 0 {
+            return invalid("max_tokens must be at least 1");
+        }
+        sampling.validate()?;
+        if stop.iter().any(String::is_empty) {
+            return invalid("stop sequences must not be empty");
+        }
+        Ok(Self { prompt, max_tokens, sampling, stop })
+    }
+
+    /// The prompt, already in the model's prompt format.
+    pub fn prompt(&self) -> &str {
+        &self.prompt
+    }
+
     /// Upper bound on generated tokens (≥ 1); the model's context may end generation sooner.
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    pub fn sampling(&self) -> &SamplingParams {
+        &self.sampling
+    }
+
     /// Text that ends generation; it is not included in the output.
-    pub stop: Vec<String>,
+    pub fn stop(&self) -> &[String] {
+        &self.stop
+    }
+
+    /// The parts, for the engine that runs the request.
+    pub(crate) fn into_parts(self) -> (String, usize, SamplingParams, Vec<String>) {
+        (self.prompt, self.max_tokens, self.sampling, self.stop)
+    }
 }
 
 /// Why a generation ended.
@@ -149,13 +200,23 @@ impl<T> Stream for ReceiverStream<T> {
     }
 }
 
-/// Checks shared by every engine before a request is queued.
-pub(crate) fn validate_request(request: &GenerationRequest) -> Result<()> {
-    if request.prompt.is_empty() {
-        return Err(InferenceError::InvalidRequest("prompt must not be empty".into()));
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_requests_cannot_be_built() {
+        let ok = SamplingParams::default();
+        let bad = [
+            GenerationRequest::new("", 4, ok.clone(), vec![]),
+            GenerationRequest::new("Hi", 0, ok.clone(), vec![]),
+            GenerationRequest::new("Hi", 4, SamplingParams { temperature: f64::NAN, ..ok.clone() }, vec![]),
+            GenerationRequest::new("Hi", 4, ok.clone(), vec![String::new()]),
+        ];
+        for result in bad {
+            assert!(matches!(result, Err(InferenceError::InvalidRequest(_))), "{result:?}");
+        }
+        let fine = GenerationRequest::new("Hi", 4, ok, vec!["\n".into()]);
+        assert!(fine.is_ok_and(|r| r.prompt() == "Hi" && r.max_tokens() == 4 && r.stop().len() == 1));
     }
-    if request.max_tokens == 0 {
-        return Err(InferenceError::InvalidRequest("max_tokens must be at least 1".into()));
-    }
-    request.sampling.validate()
 }

@@ -14,7 +14,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::Result;
 use crate::generator::{
     BoxFuture, EngineStats, FinishReason, GenerationEvent, GenerationRequest, Generator, ModelInfo,
-    TokenStream, Usage, validate_request,
+    TokenStream, Usage,
 };
 
 /// How the mock behaves.
@@ -99,14 +99,13 @@ impl Generator for MockEngine {
     fn generate(&self, request: GenerationRequest) -> BoxFuture<Result<TokenStream>> {
         let config = self.config;
         Box::pin(async move {
-            validate_request(&request)?;
             let interval = config.interval;
             let sleep =
                 (!interval.is_zero()).then(|| Box::pin(tokio::time::sleep_until(Instant::now() + interval)));
             Ok(Box::pin(MockStream {
-                remaining: config.tokens.min(request.max_tokens),
+                remaining: config.tokens.min(request.max_tokens()),
                 index: 0,
-                prompt_tokens: request.prompt.len().div_ceil(4),
+                prompt_tokens: request.prompt().len().div_ceil(4),
                 interval,
                 sleep,
                 done: false,
@@ -133,12 +132,8 @@ mod tests {
     use crate::SamplingParams;
 
     fn request(max_tokens: usize) -> GenerationRequest {
-        GenerationRequest {
-            prompt: "hi".into(),
-            max_tokens,
-            sampling: SamplingParams::default(),
-            stop: vec![],
-        }
+        GenerationRequest::new("hi", max_tokens, SamplingParams::default(), vec![])
+            .unwrap_or_else(|e| unreachable!("{e}"))
     }
 
     async fn drain(engine: &MockEngine, max_tokens: usize) -> Vec<GenerationEvent> {

@@ -7,20 +7,20 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{InferenceError, Result};
 
 /// Temperatures below this are greedy: dividing logits by a tinier one overflows f32.
-pub const GREEDY_BELOW: f32 = 1e-5;
+pub const GREEDY_BELOW: f64 = 1e-5;
 
 /// Sampling parameters, validated by [`SamplingParams::validate`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 (or anything below [`GREEDY_BELOW`]) means greedy; otherwise logits are divided by it.
     /// Range [0, 2].
-    pub temperature: f32,
+    pub temperature: f64,
     /// Keep the `k` most likely tokens; 0 disables.
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability mass reaches `p`; 1 disables. Range (0, 1].
-    pub top_p: f32,
+    pub top_p: f64,
     /// > 1 discourages tokens already in the prompt or output (CTRL / Hugging Face rule). Range (0, 10].
-    pub repetition_penalty: f32,
+    pub repetition_penalty: f64,
     /// RNG seed; `None` picks one at random.
     pub seed: Option<u64>,
 }
@@ -77,12 +77,13 @@ impl Sampler {
     /// and generated ids so far.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         if self.params.repetition_penalty != 1.0 {
-            apply_repetition_penalty(logits, history, self.params.repetition_penalty);
+            apply_repetition_penalty(logits, history, self.params.repetition_penalty as f32);
         }
         if self.params.is_greedy() {
             return argmax(logits);
         }
-        let inv_t = 1.0 / self.params.temperature;
+        // Applied in f32, the logits' precision (the same numbers as when the parameters were f32).
+        let inv_t = 1.0 / self.params.temperature as f32;
         self.candidates.clear();
         self.candidates.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)));
         let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
@@ -100,7 +101,7 @@ impl Sampler {
             total += f64::from(c.1);
         }
         if self.params.top_p < 1.0 {
-            let target = f64::from(self.params.top_p) * total;
+            let target = f64::from(self.params.top_p as f32) * total;
             let mut mass = 0.0f64;
             let mut keep = self.candidates.len();
             for (i, c) in self.candidates.iter().enumerate() {
@@ -153,7 +154,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
+    fn params(temperature: f64, top_k: usize, top_p: f64, seed: u64) -> SamplingParams {
         SamplingParams { temperature, top_k, top_p, repetition_penalty: 1.0, seed: Some(seed) }
     }
 
@@ -212,13 +213,13 @@ mod tests {
         let ok = SamplingParams::default();
         assert!(ok.validate().is_ok());
         for bad in [
-            SamplingParams { temperature: f32::NAN, ..ok.clone() },
+            SamplingParams { temperature: f64::NAN, ..ok.clone() },
             SamplingParams { temperature: -0.1, ..ok.clone() },
             SamplingParams { temperature: 2.5, ..ok.clone() },
             SamplingParams { top_p: 0.0, ..ok.clone() },
             SamplingParams { top_p: 1.5, ..ok.clone() },
             SamplingParams { repetition_penalty: 0.0, ..ok.clone() },
-            SamplingParams { repetition_penalty: f32::INFINITY, ..ok.clone() },
+            SamplingParams { repetition_penalty: f64::INFINITY, ..ok.clone() },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
@@ -228,7 +229,7 @@ mod tests {
         #[test]
         fn sampled_token_is_always_in_range(
             logits in proptest::collection::vec(-50f32..50f32, 1..200),
-            temperature in 0f32..2f32, top_k in 0usize..50, top_p in 0.01f32..1f32, seed in any::<u64>(),
+            temperature in 0f64..2f64, top_k in 0usize..50, top_p in 0.01f64..1f64, seed in any::<u64>(),
         ) {
             let mut s = Sampler::new(params(temperature, top_k, top_p, seed));
             let mut l = logits.clone();

@@ -33,7 +33,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{InferenceError, Result};
 use crate::generator::{
     BoxFuture, EngineStats, FinishReason, GenerationRequest, Generator, ModelInfo, ReceiverStream,
-    TokenStream, validate_request,
+    TokenStream,
 };
 use crate::model::fused::PoolOptions;
 use crate::model::{DecoderModel, Interrupt, SessionOptions};
@@ -220,19 +220,17 @@ impl Generator for OnnxEngine {
     }
 
     fn generate(&self, request: GenerationRequest) -> BoxFuture<Result<TokenStream>> {
-        let checked = validate_request(&request);
         let tokenizer = self.tokenizer.clone();
         let queue = self.queue.clone();
         let shared = Arc::clone(&self.shared);
         let (capacity, context_length) = (self.queue_capacity, self.info.context_length);
         Box::pin(async move {
-            checked?;
             // Short prompts encode in microseconds, less than a hand-off to the blocking pool costs;
             // long ones (up to milliseconds) go there so the caller's event loop never stalls.
-            let prompt_ids = if request.prompt.len() <= INLINE_TOKENIZE_BYTES {
-                tokenizer.encode(&request.prompt)?
+            let prompt_ids = if request.prompt().len() <= INLINE_TOKENIZE_BYTES {
+                tokenizer.encode(request.prompt())?
             } else {
-                let prompt = request.prompt.clone();
+                let prompt = request.prompt().to_owned();
                 tokio::task::spawn_blocking(move || tokenizer.encode(&prompt))
                     .await
                     .map_err(|_| InferenceError::EngineStopped)??

@@ -53,6 +53,7 @@ impl Sequence {
         events: EventSender,
         cache: KvCache,
     ) -> Self {
+        let (_, max_tokens, sampling, stop) = request.into_parts();
         Self {
             events,
             cache,
@@ -60,11 +61,11 @@ impl Sequence {
             history: prompt_ids,
             fed: 0,
             generated: 0,
-            max_tokens: request.max_tokens,
+            max_tokens,
             events_sent: 0,
-            sampler: Sampler::new(request.sampling),
+            sampler: Sampler::new(sampling),
             decoder: IncrementalDecoder::new(),
-            stop: StopMatcher::new(request.stop),
+            stop: StopMatcher::new(stop),
         }
     }
 

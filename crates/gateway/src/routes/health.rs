@@ -6,9 +6,9 @@ use actix_web::{HttpResponse, web};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::app::AppState;
-use crate::error::ApiError;
-use crate::routes::resource;
+use crate::error::{ApiError, ErrorBody};
+use crate::http::paths::resource;
+use crate::state::AppState;
 
 #[derive(Serialize, ToSchema)]
 pub struct HealthStatus {
@@ -24,18 +24,19 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// The process is up and serving HTTP.
 #[utoipa::path(get, path = "/api/{version}/health/live", tag = "health",
     params(("version" = String, Path, description = "Model version, e.g. v1")),
-    responses((status = 200, body = HealthStatus), (status = 404, body = crate::routes::openapi::ErrorResponse)))]
+    responses((status = 200, body = HealthStatus), (status = 404, description = "Unknown model version", body = ErrorBody)))]
 pub async fn live(state: web::Data<AppState>, version: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    state.models.get(&version)?;
+    state.models.get(&version).ok_or_else(|| ApiError::UnknownVersion(version.into_inner()))?;
     Ok(HttpResponse::Ok().json(HealthStatus { status: "ok" }))
 }
 
 /// The model is loaded and accepting work, and the server is not shutting down.
 #[utoipa::path(get, path = "/api/{version}/health/ready", tag = "health",
     params(("version" = String, Path, description = "Model version, e.g. v1")),
-    responses((status = 200, body = HealthStatus), (status = 503, body = crate::routes::openapi::ErrorResponse)))]
+    responses((status = 200, body = HealthStatus), (status = 404, description = "Unknown model version", body = ErrorBody),
+        (status = 503, description = "Not ready: loading, stopped, or shutting down", body = ErrorBody)))]
 pub async fn ready(state: web::Data<AppState>, version: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let model = state.models.get(&version)?;
+    let model = state.models.get(&version).ok_or_else(|| ApiError::UnknownVersion(version.into_inner()))?;
     if state.shutdown.is_draining() {
         return Err(ApiError::ShuttingDown);
     }

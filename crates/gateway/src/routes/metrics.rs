@@ -2,8 +2,8 @@
 
 use actix_web::{HttpResponse, web};
 
-use crate::app::AppState;
-use crate::routes::resource;
+use crate::http::paths::resource;
+use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/metrics").route(web::get().to(metrics)));

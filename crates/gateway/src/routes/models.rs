@@ -6,9 +6,9 @@ use actix_web::{HttpResponse, web};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::app::AppState;
-use crate::error::ApiError;
-use crate::routes::resource;
+use crate::error::{ApiError, ErrorBody};
+use crate::http::paths::resource;
+use crate::state::AppState;
 
 #[derive(Serialize, ToSchema)]
 pub struct ModelDescription {
@@ -59,12 +59,13 @@ fn description(version: &str, info: &streamgate_inference::ModelInfo) -> ModelDe
 /// Describe the model serving this version.
 #[utoipa::path(get, path = "/api/{version}/models", tag = "models",
     params(("version" = String, Path, description = "Model version, e.g. v1")),
-    responses((status = 200, body = ModelDescription), (status = 404, body = crate::routes::openapi::ErrorResponse)))]
+    responses((status = 200, body = ModelDescription), (status = 404, description = "Unknown model version", body = ErrorBody)))]
 pub async fn describe(
     state: web::Data<AppState>,
     version: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let info = state.models.get(&version)?.info();
+    let info =
+        state.models.get(&version).ok_or_else(|| ApiError::UnknownVersion(version.to_string()))?.info();
     Ok(HttpResponse::Ok().json(description(&version, info)))
 }
 

@@ -2,7 +2,7 @@
 
 use actix_web::{HttpResponse, web};
 
-use crate::routes::resource;
+use crate::http::paths::resource;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/").route(web::get().to(index)));

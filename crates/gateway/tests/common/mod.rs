@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix_web::web;
-use streamgate_gateway::app::AppState;
 use streamgate_gateway::logging::discard_logger;
 use streamgate_gateway::model_registry::ModelRegistry;
 use streamgate_gateway::settings::Settings;
+use streamgate_gateway::state::AppState;
 use streamgate_inference::{EngineConfig, Generator, OnnxEngine};
 
 pub fn repo_root() -> PathBuf {

@@ -62,7 +62,17 @@ pub fn config_for(
 }
 
 pub fn request(prompt: &str, max_tokens: usize) -> GenerationRequest {
-    GenerationRequest { prompt: prompt.into(), max_tokens, sampling: SamplingParams::default(), stop: vec![] }
+    request_with(prompt, max_tokens, SamplingParams::default(), vec![])
+}
+
+/// A request with its own sampling parameters and stop sequences.
+pub fn request_with(
+    prompt: &str,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+) -> GenerationRequest {
+    GenerationRequest::new(prompt, max_tokens, sampling, stop).expect("a valid request")
 }
 
 /// Drain a stream into its events.

@@ -9,17 +9,17 @@ use std::time::Instant;
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use rand::Rng;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use streamgate_inference::{FinishReason, SamplingParams, Usage};
 use utoipa::ToSchema;
 
-use crate::app::AppState;
-use crate::error::ApiError;
-use crate::routes::inference::{model_for_generation, stream_generation, validate_generation};
-use crate::routes::openai::chat_messages;
-use crate::routes::resource;
+use crate::error::{ApiError, ErrorBody};
+use crate::generation::{DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationInput, PromptInput, ValidGeneration};
+use crate::http::paths::resource;
+use crate::protocols::wire;
 use crate::sse::EventFormat;
+use crate::state::AppState;
 
 /// A part of a UI message; only `{"type":"text","text":…}` parts feed the prompt.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -32,7 +32,8 @@ pub struct UiPart {
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct UiMessage {
     pub id: Option<String>,
-    /// `system`, `user` or `assistant`.
+    /// `system` (or `developer`), `user` or `assistant`.
+    #[schema(pattern = "^(system|developer|user|assistant)$")]
     pub role: String,
     #[serde(default)]
     pub parts: Vec<UiPart>,
@@ -41,12 +42,41 @@ pub struct UiMessage {
 /// The body `useChat`'s default transport sends (`id`, `trigger`, `messageId` and extra body
 /// fields are accepted and ignored).
 #[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"id": "chat-1", "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "Say hi"}]}]}))]
 pub struct UiChatRequest {
+    #[schema(min_items = 1)]
     pub messages: Vec<UiMessage>,
-    /// Optional generation limit (a `body` field of `useChat`); default `--default-max-tokens`.
+    /// Optional generation limit (a `body` field of `useChat`): 1..=`--max-tokens-limit`,
+    /// default `--default-max-tokens`.
+    #[serde(default, deserialize_with = "wire::opt_u32")]
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u32>,
-    /// Default 0.7.
-    pub temperature: Option<f32>,
+    /// 0 to 2. Default 0.7.
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    pub temperature: Option<f64>,
+}
+
+/// One `data:` event of the UI message stream (then `[DONE]`).
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"type": "text-delta", "id": "text-0", "delta": "Hel"}))]
+pub struct UiStreamPart {
+    #[serde(rename = "type")]
+    #[schema(pattern = "^(start|start-step|text-start|text-delta|text-end|finish-step|finish|error)$")]
+    pub kind: String,
+    /// `start`.
+    #[serde(rename = "messageId")]
+    pub message_id: Option<String>,
+    /// `text-start`, `text-delta`, `text-end`.
+    pub id: Option<String>,
+    /// `text-delta`: never empty.
+    #[schema(min_length = 1)]
+    pub delta: Option<String>,
+    /// `finish`: `stop`, `length` or `other`.
+    #[serde(rename = "finishReason")]
+    pub finish_reason: Option<String>,
+    /// `error`.
+    #[serde(rename = "errorText")]
+    pub error_text: Option<String>,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -58,9 +88,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     params(("version" = String, Path, description = "Model version, e.g. v1")),
     request_body = UiChatRequest,
     responses(
-        (status = 200, description = "UI message stream parts as SSE `data:` JSON, then `data: [DONE]`; header `x-vercel-ai-ui-message-stream: v1`", content_type = "text/event-stream"),
-        (status = 404, body = crate::routes::openapi::ErrorResponse), (status = 422, body = crate::routes::openapi::ErrorResponse),
-        (status = 429, body = crate::routes::openapi::ErrorResponse), (status = 503, body = crate::routes::openapi::ErrorResponse)))]
+        (status = 200, description = "UI message stream parts as SSE `data:` JSON, then `data: [DONE]`; header `x-vercel-ai-ui-message-stream: v1`", content_type = "text/event-stream", body = UiStreamPart),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 404, description = "Unknown model version", body = ErrorBody),
+        (status = 413, description = "The body is larger than --max-body-bytes", body = ErrorBody),
+        (status = 415, description = "The body is not application/json", body = ErrorBody),
+        (status = 422, description = "A field is missing or out of bounds, or the prompt is longer than the context", body = ErrorBody),
+        (status = 429, description = "Rate limited or too many open streams", body = ErrorBody),
+        (status = 503, description = "The model's queue is full, or the server is shutting down", body = ErrorBody)))]
 pub async fn chat(
     state: web::Data<AppState>,
     version: web::Path<String>,
@@ -68,29 +103,29 @@ pub async fn chat(
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let model = model_for_generation(&state, &version, &req)?;
     let body = body.into_inner();
-    let messages = chat_messages(body.messages.into_iter().map(|m| {
-        let text = m
-            .parts
-            .into_iter()
-            .filter(|p| p.kind == "text")
-            .filter_map(|p| p.text)
-            .collect::<Vec<_>>()
-            .join("");
-        (m.role, text)
-    }))?;
-    let prompt = model.render_chat(&messages)?;
-    let sampling = SamplingParams {
-        temperature: body.temperature.unwrap_or(0.7),
-        top_p: 0.9,
-        ..SamplingParams::default()
+    let turns = body
+        .messages
+        .into_iter()
+        .map(|m| {
+            let text = m.parts.into_iter().filter(|p| p.kind == "text").filter_map(|p| p.text).collect();
+            (m.role, text)
+        })
+        .collect();
+    let input = GenerationInput {
+        prompt: PromptInput::Chat(turns),
+        max_tokens: body.max_tokens,
+        sampling: SamplingParams {
+            temperature: body.temperature.unwrap_or(DEFAULT_TEMPERATURE),
+            top_p: DEFAULT_TOP_P,
+            ..SamplingParams::default()
+        },
+        stop: Vec::new(),
     };
-    let request = validate_generation(&state.settings, &prompt, body.max_tokens, sampling, Vec::new())?;
+    let generation = ValidGeneration::new(&state, &version, input, &req)?;
     let message_id = format!("msg-{:024x}", rand::rng().random::<u128>() >> 32);
     let format = UiMessageFormat { message_id, text_id: "text-0".into(), text_open: false };
-    let mut response =
-        stream_generation(&state, &version, model.as_ref(), request, format, &req, started).await?;
+    let mut response = generation.stream(&state, format, &req, started).await?;
     response
         .headers_mut()
         .insert(HeaderName::from_static("x-vercel-ai-ui-message-stream"), HeaderValue::from_static("v1"));

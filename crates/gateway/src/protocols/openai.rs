@@ -9,18 +9,17 @@ use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use streamgate_inference::{ChatMessage, FinishReason, SamplingParams, Usage};
+use streamgate_inference::{FinishReason, SamplingParams, Usage};
 use utoipa::ToSchema;
 
-use crate::app::AppState;
-use crate::error::ApiError;
-use crate::routes::inference::{
-    Stop, collect_text, model_for_generation, stream_generation, validate_generation,
-};
-use crate::routes::resource;
+use crate::error::{ApiError, ErrorBody, ErrorStyle};
+use crate::generation::{GenerationInput, PromptInput, ValidGeneration, check_unused_max_tokens};
+use crate::http::paths::resource;
+use crate::protocols::wire::{self, Stop};
 use crate::sse::EventFormat;
+use crate::state::AppState;
 
-/// An [`ApiError`] rendered in OpenAI's error shape (same status).
+/// An [`ApiError`] rendered in OpenAI's error style (same status and headers).
 #[derive(Debug)]
 pub struct OpenAiError(pub ApiError);
 
@@ -36,44 +35,52 @@ impl<E: Into<ApiError>> From<E> for OpenAiError {
     }
 }
 
-impl OpenAiError {
-    /// `{"error": {"message", "type", "param", "code"}}`.
-    pub fn body(error: &ApiError) -> serde_json::Value {
-        let kind = match error.status_code().as_u16() {
-            401 => "authentication_error",
-            403 => "permission_error",
-            404 => "not_found_error",
-            429 => "rate_limit_error",
-            500..=599 => "server_error",
-            _ => "invalid_request_error",
-        };
-        let code = match error {
-            ApiError::UnknownVersion(_) => "model_not_found",
-            other => other.code(),
-        };
-        json!({"error": {"message": error.public_message(), "type": kind, "param": null, "code": code}})
-    }
-}
-
 impl ResponseError for OpenAiError {
     fn status_code(&self) -> StatusCode {
         self.0.status_code()
     }
 
     fn error_response(&self) -> HttpResponse {
-        // Start from the native response for its status and headers (Retry-After, WWW-Authenticate).
-        let mut native = self.0.error_response();
-        let mut response = HttpResponse::build(native.status());
-        for (name, value) in native.headers_mut().drain() {
-            if let Some(name) = name
-                && name != actix_web::http::header::CONTENT_TYPE
-                && name != actix_web::http::header::CONTENT_LENGTH
-            {
-                response.insert_header((name, value));
-            }
-        }
-        response.json(Self::body(&self.0))
+        self.0.response(ErrorStyle::OpenAi)
     }
+}
+
+/// `chat.completion`: the non-streamed answer.
+#[derive(Serialize, ToSchema)]
+pub struct ChatCompletion {
+    pub id: String,
+    #[schema(pattern = "^chat\\.completion$")]
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    /// One choice: `{"index": 0, "message": {"role": "assistant", "content": …}, "finish_reason", "logprobs": null}`.
+    #[schema(value_type = Vec<Object>, min_items = 1, max_items = 1)]
+    pub choices: Vec<serde_json::Value>,
+    #[schema(value_type = Object)]
+    pub usage: serde_json::Value,
+}
+
+/// `chat.completion.chunk`: one event of the streamed answer (the last, with
+/// `stream_options.include_usage`, has no choices and the usage).
+#[derive(Serialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    #[schema(pattern = "^chat\\.completion\\.chunk$")]
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    #[schema(value_type = Vec<Object>, max_items = 1)]
+    pub choices: Vec<serde_json::Value>,
+    #[schema(value_type = Option<Object>)]
+    pub usage: Option<serde_json::Value>,
+}
+
+/// One `data:` event of the OpenAI stream: a chunk, or an error (then `[DONE]`).
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum ChatStreamEvent {
+    Chunk(ChatCompletionChunk),
+    Error(ErrorBody),
 }
 
 /// Message content: a string, or a list of parts of which the `text` ones are used.
@@ -93,7 +100,8 @@ pub struct ContentPart {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ChatMessageIn {
-    /// `system`, `developer` (treated as system), `user` or `assistant`.
+    /// `developer` is treated as `system`.
+    #[schema(pattern = "^(system|developer|user|assistant)$")]
     pub role: String,
     pub content: Option<MessageContent>,
 }
@@ -108,40 +116,37 @@ pub struct StreamOptions {
 /// not use (e.g. `user`, `presence_penalty`) are accepted and ignored, as other compatible
 /// servers do; `n` must be 1.
 #[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"model": "v1", "messages": [{"role": "user", "content": "Say hi"}], "stream": true}))]
 pub struct ChatCompletionRequest {
     /// A configured model version, e.g. `v1` (see `GET /v1/models`).
     pub model: String,
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessageIn>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// 1..=`--max-tokens-limit` (default `--default-max-tokens`); `max_completion_tokens` wins.
+    #[serde(default, deserialize_with = "wire::opt_u32")]
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "wire::opt_u32")]
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<u32>,
-    /// Default 1.
-    pub temperature: Option<f32>,
-    /// Default 1.
-    pub top_p: Option<f32>,
+    /// 0 to 2. Default 1.
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    pub temperature: Option<f64>,
+    /// (0, 1]. Default 1.
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f64>,
+    #[serde(default, deserialize_with = "wire::opt_u64")]
+    #[schema(minimum = 0)]
     pub seed: Option<u64>,
+    #[schema(schema_with = wire::stop_schema)]
     pub stop: Option<Stop>,
+    /// Only 1 is supported.
+    #[serde(default, deserialize_with = "wire::opt_u32")]
+    #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u32>,
-}
-
-/// Turn chat messages into inference chat messages: roles checked, text parts joined.
-pub fn chat_messages(
-    messages: impl IntoIterator<Item = (String, String)>,
-) -> Result<Vec<ChatMessage>, ApiError> {
-    let out: Vec<ChatMessage> = messages
-        .into_iter()
-        .map(|(role, content)| match role.as_str() {
-            "system" | "developer" => Ok(ChatMessage::new("system", content)),
-            "user" | "assistant" => Ok(ChatMessage::new(role, content)),
-            other => Err(ApiError::InvalidRequest(format!("unsupported message role '{other}'"))),
-        })
-        .collect::<Result<_, _>>()?;
-    if out.is_empty() {
-        return Err(ApiError::InvalidRequest("messages must not be empty".into()));
-    }
-    Ok(out)
 }
 
 fn content_text(content: Option<MessageContent>) -> String {
@@ -164,7 +169,8 @@ fn unix_now() -> u64 {
 }
 
 /// OpenAI's model list; the ids are the configured versions.
-#[utoipa::path(get, path = "/v1/models", tag = "openai", responses((status = 200, description = "`{\"object\":\"list\",\"data\":[{\"id\":\"v1\",\"object\":\"model\",…}]}`")))]
+#[utoipa::path(get, path = "/v1/models", tag = "openai",
+    responses((status = 200, description = "`{\"object\":\"list\",\"data\":[{\"id\":\"v1\",\"object\":\"model\",…}]}`", body = Object)))]
 pub async fn list_models(state: web::Data<AppState>) -> HttpResponse {
     let data: Vec<_> = state
         .models
@@ -180,10 +186,15 @@ pub async fn list_models(state: web::Data<AppState>) -> HttpResponse {
 /// Chat completions, streamed (`stream: true`) or not.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatCompletionRequest,
     responses(
-        (status = 200, description = "`chat.completion`, or with `stream: true` an event stream of `chat.completion.chunk` objects ending with `data: [DONE]`"),
-        (status = 400, description = "OpenAI-shaped error"), (status = 404, description = "unknown model"),
-        (status = 422, description = "OpenAI-shaped error"), (status = 429, description = "rate limited"),
-        (status = 503, description = "overloaded")))]
+        (status = 200, description = "`chat.completion`, or with `stream: true` an event stream of `chat.completion.chunk` objects ending with `data: [DONE]`",
+            content((ChatCompletion = "application/json"), (ChatStreamEvent = "text/event-stream"))),
+        (status = 400, description = "The body is not JSON (OpenAI error style)", body = ErrorBody),
+        (status = 404, description = "Unknown model (`model_not_found`)", body = ErrorBody),
+        (status = 413, description = "The body is larger than --max-body-bytes", body = ErrorBody),
+        (status = 415, description = "The body is not application/json", body = ErrorBody),
+        (status = 422, description = "A field is missing or out of bounds, or the prompt is longer than the context", body = ErrorBody),
+        (status = 429, description = "Rate limited or too many open streams", body = ErrorBody),
+        (status = 503, description = "The model's queue is full, or the server is shutting down", body = ErrorBody)))]
 pub async fn chat_completions(
     state: web::Data<AppState>,
     body: web::Json<ChatCompletionRequest>,
@@ -191,34 +202,37 @@ pub async fn chat_completions(
 ) -> Result<HttpResponse, OpenAiError> {
     let started = Instant::now();
     let body = body.into_inner();
-    let model = model_for_generation(&state, &body.model, &req)?;
     if body.n.is_some_and(|n| n != 1) {
         return Err(ApiError::InvalidRequest("only n = 1 is supported".into()).into());
     }
-    let messages = chat_messages(body.messages.into_iter().map(|m| (m.role, content_text(m.content))))?;
-    let prompt = model.render_chat(&messages).map_err(ApiError::from)?;
-    let sampling = SamplingParams {
-        temperature: body.temperature.unwrap_or(1.0),
-        top_p: body.top_p.unwrap_or(1.0),
-        top_k: 0,
-        repetition_penalty: 1.0,
-        seed: body.seed,
+    let (max_tokens, unused) = match body.max_completion_tokens {
+        Some(n) => (Some(n), body.max_tokens),
+        None => (body.max_tokens, None),
     };
-    let request = validate_generation(
-        &state.settings,
-        &prompt,
-        body.max_completion_tokens.or(body.max_tokens),
-        sampling,
-        Stop::into_vec(body.stop),
-    )?;
+    check_unused_max_tokens(&state.settings, unused)?;
+    let input = GenerationInput {
+        prompt: PromptInput::Chat(
+            body.messages.into_iter().map(|m| (m.role, content_text(m.content))).collect(),
+        ),
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: body.temperature.unwrap_or(1.0),
+            top_p: body.top_p.unwrap_or(1.0),
+            top_k: 0,
+            repetition_penalty: 1.0,
+            seed: body.seed,
+        },
+        stop: Stop::into_vec(body.stop),
+    };
+    let generation = ValidGeneration::new(&state, &body.model, input, &req)?;
     let id = format!("chatcmpl-{:024x}", rand::rng().random::<u128>() >> 32);
     let created = unix_now();
     if !body.stream {
-        let (text, reason, usage) = collect_text(model.as_ref(), request, &state).await?;
+        let done = generation.collect(&state).await?;
         return Ok(HttpResponse::Ok().json(json!({
             "id": id, "object": "chat.completion", "created": created, "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": null}],
-            "usage": usage_json(usage),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": done.finish_reason, "logprobs": null}],
+            "usage": usage_json(done.usage),
         })));
     }
     let format = ChunkFormat {
@@ -227,7 +241,7 @@ pub async fn chat_completions(
         model: body.model.clone(),
         include_usage: body.stream_options.is_some_and(|o| o.include_usage),
     };
-    Ok(stream_generation(&state, &body.model, model.as_ref(), request, format, &req, started).await?)
+    Ok(generation.stream(&state, format, &req, started).await?)
 }
 
 fn usage_json(usage: Usage) -> serde_json::Value {
@@ -305,6 +319,6 @@ impl EventFormat for ChunkFormat {
     }
 
     fn error(&mut self, error: &ApiError) -> Vec<String> {
-        vec![OpenAiError::body(error).to_string()]
+        vec![error.to_json(ErrorStyle::OpenAi)]
     }
 }

@@ -16,7 +16,7 @@ use actix_web::web::{Bytes, Data};
 use rand::Rng;
 use slog::{Logger, error, info, warn};
 
-use crate::app::AppState;
+use prometheus::IntCounterVec;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -85,6 +85,13 @@ fn generated_request_id() -> String {
     format!("{:032x}", rand::rng().random::<u128>())
 }
 
+/// Where the request log goes: what the middleware reads (its own `Data<AccessLog>`).
+pub struct AccessLog {
+    pub logger: Logger,
+    /// `http_requests_total` by route pattern and status.
+    pub requests: IntCounterVec,
+}
+
 /// The middleware (`from_fn`).
 pub async fn request_log_middleware(
     req: ServiceRequest,
@@ -95,7 +102,7 @@ pub async fn request_log_middleware(
         req.headers().get(REQUEST_ID).and_then(client_request_id).unwrap_or_else(generated_request_id);
     let log = Arc::new(RequestLog::new(request_id));
     req.extensions_mut().insert(Arc::clone(&log));
-    let state = req.app_data::<Data<AppState>>().cloned();
+    let sink = req.app_data::<Data<AccessLog>>().cloned();
     let method = req.method().to_string();
     let path = req.path().to_owned();
     let peer = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
@@ -109,11 +116,11 @@ pub async fn request_log_middleware(
     if let Some(error) = res.response().error() {
         log.set_error(error.to_string());
     }
-    if let Some(state) = &state {
-        state.metrics.requests.with_label_values(&[route.as_str(), &status.to_string()]).inc();
+    if let Some(sink) = &sink {
+        sink.requests.with_label_values(&[route.as_str(), &status.to_string()]).inc();
     }
     let record =
-        Record { logger: state.map(|s| s.logger.clone()), log, method, path, route, status, peer, started };
+        Record { logger: sink.map(|s| s.logger.clone()), log, method, path, route, status, peer, started };
     Ok(res.map_body(|_, body| LoggedBody { body: Some(body.boxed()), record: Some(record) }))
 }
 

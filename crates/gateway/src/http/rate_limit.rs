@@ -7,7 +7,7 @@
 //! minutes is one request, which is why the concurrent-stream cap exists beside it.
 //!
 //! The middleware (after CORS) identifies the client (API key or address, see
-//! [`client_identity`](crate::client_identity)), answers 401 / 429, and adds `RateLimit-Limit`,
+//! [`client_identity`](crate::http::client_identity)), answers 401 / 429, and adds `RateLimit-Limit`,
 //! `RateLimit-Remaining` and `RateLimit-Reset` to every limited response.
 
 use std::collections::HashMap;
@@ -26,11 +26,14 @@ use governor::clock::{Clock, QuantaClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
+use prometheus::IntCounterVec;
 
-use crate::app::AppState;
-use crate::client_identity::{ClientKey, bearer_token};
-use crate::error::{ApiError, error_response_for};
-use crate::request_log::RequestLog;
+use crate::error::ApiError;
+use crate::http::client_identity::{ApiKeys, ClientKey, ClientResolver, bearer_token};
+use crate::http::paths::{
+    GLOBAL_SCOPE, OPENAI_SCOPE, RouteKind, classify, error_response_for, is_public, matches_pattern,
+};
+use crate::http::request_log::RequestLog;
 
 /// `COUNT/PERIOD[:BURST]`, or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,56 +108,7 @@ impl FromStr for ScopedRule {
     }
 }
 
-/// Which quota a route counts against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RouteKind {
-    /// Streaming generation (`…/inference/stream`, chat protocols).
-    Stream,
-    /// Non-streaming generation (`…/inference`).
-    Complete,
-    /// Everything else that is not exempt (models, docs, the page).
-    Other,
-}
-
-impl FromStr for RouteKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "stream" => Ok(Self::Stream),
-            "complete" => Ok(Self::Complete),
-            "other" => Ok(Self::Other),
-            _ => Err(format!("'{s}' is not a route kind (stream, complete, other)")),
-        }
-    }
-}
-
 const KINDS: [RouteKind; 3] = [RouteKind::Stream, RouteKind::Complete, RouteKind::Other];
-
-/// The scope of a path: its model version (or `*`) and route kind.
-pub fn classify(path: &str) -> (&str, RouteKind) {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    match segments.as_slice() {
-        ["api", version, "inference", "stream"] | ["api", version, "chat"] => (version, RouteKind::Stream),
-        ["api", version, "inference"] => (version, RouteKind::Complete),
-        ["v1", "chat", "completions"] => ("openai", RouteKind::Stream),
-        ["api", version, _, ..] => (version, RouteKind::Other),
-        _ => ("*", RouteKind::Other),
-    }
-}
-
-/// Does `path` match a route pattern whose `{…}` segments match anything?
-pub fn matches_pattern(pattern: &str, path: &str) -> bool {
-    let (mut p, mut a) = (pattern.split('/'), path.split('/'));
-    loop {
-        match (p.next(), a.next()) {
-            (None, None) => return true,
-            (Some(ps), Some(s)) if (ps.starts_with('{') && ps.ends_with('}') && !s.is_empty()) || ps == s => {
-            }
-            _ => return false,
-        }
-    }
-}
 
 /// The outcome of one check, for the response headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,7 +213,7 @@ impl RateLimits {
         exempt: Vec<String>,
     ) -> Self {
         let mut by_version = HashMap::new();
-        for version in versions.chain(["openai".to_owned(), "*".to_owned()]) {
+        for version in versions.chain([OPENAI_SCOPE.to_owned(), GLOBAL_SCOPE.to_owned()]) {
             let limiters = KINDS.map(|kind| {
                 let rule = resolve(&version, kind, default, rules);
                 rule.quota(default_burst).map(|q| {
@@ -279,7 +233,7 @@ impl RateLimits {
     /// Check one request; `None` when that scope is not limited.
     pub fn check(&self, path: &str, key: &ClientKey) -> Option<Decision> {
         let (version, kind) = classify(path);
-        let limiters = self.by_version.get(version).or_else(|| self.by_version.get("*"))?;
+        let limiters = self.by_version.get(version).or_else(|| self.by_version.get(GLOBAL_SCOPE))?;
         let index = KINDS.iter().position(|k| *k == kind).unwrap_or(2);
         limiters[index].as_ref().map(|l| l.check(key))
     }
@@ -374,40 +328,49 @@ pub fn client_of(req: &actix_web::HttpRequest) -> Option<ClientKey> {
     req.extensions().get::<ClientKey>().copied()
 }
 
+/// Who a client is and how much it may ask: what the client middleware reads (its own
+/// `Data<ClientGate>`, installed by `create_app`).
+pub struct ClientGate {
+    /// `None`: API keys are off and clients are addresses.
+    pub api_keys: Option<ApiKeys>,
+    pub resolver: ClientResolver,
+    pub limits: RateLimits,
+    /// `rate_limited_total` by reason, counted here for `rate` refusals.
+    pub refused: IntCounterVec,
+}
+
 /// actix middleware (`from_fn`): identify, authenticate, rate-limit.
 pub async fn client_middleware(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody + 'static>>, actix_web::Error> {
-    let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
+    let Some(gate) = req.app_data::<web::Data<ClientGate>>().cloned() else {
         return next.call(req).await.map(ServiceResponse::map_into_left_body);
     };
     let path = req.path().to_owned();
-    if state.rate_limits.is_exempt(&path) {
+    if gate.limits.is_exempt(&path) {
         return next.call(req).await.map(ServiceResponse::map_into_left_body);
     }
-    let key = match &state.api_keys {
-        Some(keys) if !state.is_public_without_key(&path) => {
-            match bearer_token(req.headers()).and_then(|t| keys.verify(t)) {
-                Some(key) => key,
-                None => {
-                    let response = error_response_for(req.path(), ApiError::Unauthorized);
-                    return Ok(req.into_response(response).map_into_right_body());
-                }
+    let key = match &gate.api_keys {
+        Some(keys) if !is_public(&path) => match bearer_token(req.headers()).and_then(|t| keys.verify(t)) {
+            Some(key) => key,
+            None => {
+                let response = error_response_for(req.path(), ApiError::Unauthorized);
+                return Ok(req.into_response(response).map_into_right_body());
             }
-        }
+        },
         _ => {
             let peer = req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
-            state.client_resolver.key_for(state.client_resolver.client_ip(peer, req.headers()))
+            gate.resolver.key_for(gate.resolver.client_ip(peer, req.headers()))
         }
     };
     if let Some(log) = req.extensions().get::<Arc<RequestLog>>() {
         log.set_client(key.label());
     }
     req.extensions_mut().insert(key);
-    let decision = state.rate_limits.check(&path, &key);
+    let decision = gate.limits.check(&path, &key);
     if let Some(d) = decision.filter(|d| !d.allowed) {
-        state.metrics.rate_limited.with_label_values(&["rate"]).inc();
+        gate.refused.with_label_values(&["rate"]).inc();
         let mut response = error_response_for(&path, ApiError::RateLimited);
         set_headers(response.headers_mut(), &d);
         return Ok(req.into_response(response).map_into_right_body());
@@ -492,18 +455,6 @@ mod tests {
         assert_eq!(resolve("v2", RouteKind::Complete, default, &rules), rule("30/min"));
         assert_eq!(resolve("v2", RouteKind::Stream, default, &rules), RateRule::Off);
         assert!("v1.bogus=1/s".parse::<ScopedRule>().is_err());
-    }
-
-    #[test]
-    fn paths_classify_into_scopes() {
-        assert_eq!(classify("/api/v1/inference/stream"), ("v1", RouteKind::Stream));
-        assert_eq!(classify("/api/v2/inference"), ("v2", RouteKind::Complete));
-        assert_eq!(classify("/api/v1/models"), ("v1", RouteKind::Other));
-        assert_eq!(classify("/v1/chat/completions"), ("openai", RouteKind::Stream));
-        assert_eq!(classify("/"), ("*", RouteKind::Other));
-        assert!(matches_pattern("/api/{version}/health/live", "/api/v1/health/live"));
-        assert!(!matches_pattern("/api/{version}/health/live", "/api/v1/health/live/x"));
-        assert!(!matches_pattern("/metrics", "/metricsx"));
     }
 
     #[test]

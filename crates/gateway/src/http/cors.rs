@@ -15,8 +15,8 @@ use actix_web::middleware::Next;
 use actix_web::{HttpResponse, web};
 use regex::Regex;
 
-use crate::app::AppState;
-use crate::error::{ApiError, error_response_for};
+use crate::error::ApiError;
+use crate::http::paths::error_response_for;
 
 const ALLOWED_METHODS: &str = "GET, POST, OPTIONS";
 const ALLOWED_HEADERS: &str =
@@ -66,7 +66,8 @@ impl OriginPolicy {
     }
 }
 
-/// actix middleware (`from_fn`) applying the policy.
+/// actix middleware (`from_fn`) applying the policy it finds in `Data<OriginPolicy>` (none: only
+/// requests without `Origin` or from the same origin pass).
 pub async fn cors_middleware(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -75,7 +76,7 @@ pub async fn cors_middleware(
         return next.call(req).await.map(ServiceResponse::map_into_left_body);
     };
     let allowed = {
-        let policy = req.app_data::<web::Data<AppState>>().map(|s| &s.origin_policy);
+        let policy = req.app_data::<web::Data<OriginPolicy>>();
         let origin_str = origin.to_str().unwrap_or("");
         is_same_origin(&req, origin_str) || policy.is_some_and(|p| p.allows(origin_str))
     };

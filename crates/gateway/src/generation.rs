@@ -1,0 +1,275 @@
+//! The generation service every protocol shares: a request parsed from any wire format
+//! ([`GenerationInput`]) is validated once, into a [`ValidGeneration`] — as TGI's router validates
+//! once into a `ValidGenerateRequest` — and then streamed as SSE in the protocol's
+//! [`EventFormat`] or collected into one response.
+//!
+//! Checks live where their facts live: the gateway's limits (prompt bytes, `max_tokens` ceiling,
+//! stop sequences) here, from the settings; what every engine relies on (non-empty prompt,
+//! `max_tokens` ≥ 1, sampling ranges) in `GenerationRequest::new`, which is the only way to build
+//! the engine's request, so the engine never checks the same fields again. The wire types state
+//! the same bounds in the OpenAPI document.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use streamgate_inference::{
+    ChatMessage, FinishReason, GenerationEvent, GenerationRequest, Generator, InferenceError, SamplingParams,
+    Usage,
+};
+
+use crate::error::ApiError;
+use crate::http::rate_limit::client_of;
+use crate::http::request_log::RequestLog;
+use crate::settings::Settings;
+use crate::sse::{EventFormat, StreamMetrics, TokenEvents, sse_response};
+use crate::state::AppState;
+
+/// Defaults for optional sampling fields of the native and AI SDK protocols (the OpenAI protocol
+/// keeps OpenAI's: 1 and 1).
+pub const DEFAULT_TEMPERATURE: f64 = 0.7;
+pub const DEFAULT_TOP_P: f64 = 0.9;
+/// At most this many stop sequences, each 1 to this many characters.
+pub const MAX_STOP_SEQUENCES: usize = 4;
+pub const MAX_STOP_CHARS: usize = 64;
+
+/// What a protocol's prompt is.
+#[derive(Debug)]
+pub enum PromptInput {
+    /// Text already in the model's prompt format.
+    Text(String),
+    /// One user message, rendered with the model's chat template (limits apply to the message).
+    UserMessage(String),
+    /// A conversation of `(role, text)` turns, rendered with the chat template (limits apply to
+    /// the rendered prompt). Roles: `system` (or `developer`), `user`, `assistant`.
+    Chat(Vec<(String, String)>),
+}
+
+/// A generation request as a protocol parsed it, not yet validated.
+#[derive(Debug)]
+pub struct GenerationInput {
+    pub prompt: PromptInput,
+    /// `None`: `--default-max-tokens`.
+    pub max_tokens: Option<u32>,
+    /// With the protocol's defaults filled in.
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+/// A request that passed every check, with the engine that will run it.
+pub struct ValidGeneration {
+    version: String,
+    model: Arc<dyn Generator>,
+    request: GenerationRequest,
+}
+
+/// A generation run to its end (non-streaming routes).
+#[derive(Debug)]
+pub struct Completion {
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+}
+
+impl ValidGeneration {
+    /// Look the version up (404), refuse while draining (503), apply the limits and the chat
+    /// template (422). Tags the request's log line with the version.
+    pub fn new(
+        state: &AppState,
+        version: &str,
+        input: GenerationInput,
+        req: &HttpRequest,
+    ) -> Result<Self, ApiError> {
+        let model =
+            Arc::clone(state.models.get(version).ok_or_else(|| ApiError::UnknownVersion(version.into()))?);
+        if let Some(log) = RequestLog::of(req) {
+            log.set_version(version);
+        }
+        if state.shutdown.is_draining() {
+            return Err(ApiError::ShuttingDown);
+        }
+        let request = validate(&state.settings, model.as_ref(), input)?;
+        Ok(Self { version: version.to_owned(), model, request })
+    }
+
+    /// Queue the request and answer with its token stream as SSE in `format`, holding the
+    /// client's stream slot for as long as the stream is open. `started` is when the request
+    /// arrived (time to first token is measured from it).
+    pub async fn stream<F: EventFormat>(
+        self,
+        state: &AppState,
+        format: F,
+        req: &HttpRequest,
+        started: Instant,
+    ) -> Result<HttpResponse, ApiError> {
+        let permit = client_of(req)
+            .map(|key| state.stream_slots.acquire(key))
+            .transpose()
+            .inspect_err(|_| state.metrics.rate_limited.with_label_values(&["streams"]).inc())?;
+        let tokens = self.model.generate(self.request).await.inspect_err(|e| count_rejection(state, e))?;
+        let events = TokenEvents::new(
+            tokens,
+            format,
+            StreamMetrics::new(&state.metrics, &self.version),
+            state.shutdown.signal(),
+            RequestLog::of(req),
+            started,
+        )
+        .holding(permit);
+        Ok(sse_response(events, Duration::from_secs(state.settings.sse_keep_alive_secs), req))
+    }
+
+    /// Run the generation to its end. If the client goes away, this future is dropped with the
+    /// token stream, which cancels the generation.
+    pub async fn collect(self, state: &AppState) -> Result<Completion, ApiError> {
+        let mut tokens =
+            self.model.generate(self.request).await.inspect_err(|e| count_rejection(state, e))?;
+        let mut text = String::new();
+        while let Some(event) = tokens.next().await {
+            match event? {
+                GenerationEvent::Token { text: t, .. } => text.push_str(&t),
+                GenerationEvent::Finished { reason, usage } => {
+                    return Ok(Completion { text, finish_reason: reason, usage });
+                }
+            }
+        }
+        Err(ApiError::Internal("the token stream ended without a finish event".into()))
+    }
+}
+
+/// Count 503 refusals by reason for `/metrics`.
+fn count_rejection(state: &AppState, error: &InferenceError) {
+    if let InferenceError::Overloaded { .. } = error {
+        state.metrics.rejected.with_label_values(&["queue_full"]).inc();
+    }
+}
+
+/// The gateway's limits, then the engine's request (which checks the rest).
+fn validate(
+    settings: &Settings,
+    model: &dyn Generator,
+    input: GenerationInput,
+) -> Result<GenerationRequest, ApiError> {
+    let invalid = |m: String| Err(ApiError::InvalidRequest(m));
+    let prompt = match input.prompt {
+        PromptInput::Text(text) => check_prompt(settings, text)?,
+        PromptInput::UserMessage(text) => {
+            // The template makes any message a non-empty prompt; an empty message is still empty.
+            if text.is_empty() {
+                return invalid("prompt must not be empty".into());
+            }
+            let text = check_prompt(settings, text)?;
+            model.render_chat(&[ChatMessage::new("user", text)])?
+        }
+        PromptInput::Chat(turns) => check_prompt(settings, model.render_chat(&chat_messages(turns)?)?)?,
+    };
+    let max_tokens = input.max_tokens.map_or(settings.default_max_tokens, |n| n as usize);
+    if max_tokens > settings.max_tokens_limit {
+        return invalid(format!("max_tokens must be between 1 and {}", settings.max_tokens_limit));
+    }
+    if input.stop.len() > MAX_STOP_SEQUENCES {
+        return invalid(format!("at most {MAX_STOP_SEQUENCES} stop sequences"));
+    }
+    if input.stop.iter().any(|s| s.chars().count() > MAX_STOP_CHARS) {
+        return invalid(format!("stop sequences must be 1 to {MAX_STOP_CHARS} characters"));
+    }
+    Ok(GenerationRequest::new(prompt, max_tokens, input.sampling, input.stop)?)
+}
+
+/// A `max_tokens`-like field that does not reach the engine (OpenAI's `max_tokens` beside a
+/// `max_completion_tokens`, which wins) still has to be in range.
+pub fn check_unused_max_tokens(settings: &Settings, value: Option<u32>) -> Result<(), ApiError> {
+    match value {
+        Some(n) if n == 0 || n as usize > settings.max_tokens_limit => Err(ApiError::InvalidRequest(
+            format!("max_tokens must be between 1 and {}", settings.max_tokens_limit),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The prompt byte limit (the engine refuses an empty prompt).
+fn check_prompt(settings: &Settings, prompt: String) -> Result<String, ApiError> {
+    if prompt.len() > settings.max_prompt_bytes {
+        return Err(ApiError::InvalidRequest(format!(
+            "prompt is {} bytes; the limit is {}",
+            prompt.len(),
+            settings.max_prompt_bytes
+        )));
+    }
+    Ok(prompt)
+}
+
+/// Chat turns as the inference crate's messages: roles checked (`developer` is `system`).
+fn chat_messages(turns: Vec<(String, String)>) -> Result<Vec<ChatMessage>, ApiError> {
+    if turns.is_empty() {
+        return Err(ApiError::InvalidRequest("messages must not be empty".into()));
+    }
+    turns
+        .into_iter()
+        .map(|(role, content)| match role.as_str() {
+            "system" | "developer" => Ok(ChatMessage::new("system", content)),
+            "user" | "assistant" => Ok(ChatMessage::new(role, content)),
+            other => Err(ApiError::InvalidRequest(format!("unsupported message role '{other}'"))),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use streamgate_inference::{MockConfig, MockEngine};
+
+    fn input(prompt: PromptInput) -> GenerationInput {
+        GenerationInput { prompt, max_tokens: None, sampling: SamplingParams::default(), stop: vec![] }
+    }
+
+    fn check(input: GenerationInput) -> Result<GenerationRequest, ApiError> {
+        let settings = Settings::parse_from([
+            "streamgate",
+            "--max-prompt-bytes",
+            "8",
+            "--max-tokens-limit",
+            "10",
+            "--default-max-tokens",
+            "5",
+        ]);
+        let model = MockEngine::new(MockConfig { tokens: 4, interval: std::time::Duration::ZERO })
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        validate(&settings, &model, input)
+    }
+
+    #[test]
+    fn each_limit_is_checked_once_with_a_clear_error() {
+        let text = |s: &str| PromptInput::Text(s.into());
+        assert!(check(input(text("hi"))).is_ok_and(|r| r.max_tokens() == 5 && r.prompt() == "hi"));
+        let refused = [
+            input(text("")),
+            input(PromptInput::UserMessage(String::new())),
+            input(text("123456789")),
+            GenerationInput { max_tokens: Some(11), ..input(text("a")) },
+            GenerationInput { max_tokens: Some(0), ..input(text("a")) },
+            GenerationInput { stop: vec!["".into()], ..input(text("a")) },
+            GenerationInput { stop: vec!["x".repeat(65)], ..input(text("a")) },
+            GenerationInput { stop: vec!["x".into(); 5], ..input(text("a")) },
+            GenerationInput {
+                sampling: SamplingParams { temperature: 2.5, ..SamplingParams::default() },
+                ..input(text("a"))
+            },
+            input(PromptInput::Chat(vec![])),
+            input(PromptInput::Chat(vec![("robot".into(), "hi".into())])),
+        ];
+        for case in refused {
+            let shown = format!("{case:?}");
+            let err = check(case).err();
+            assert!(err.as_ref().is_some_and(|e| e.code() == "invalid_request"), "{shown}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn stop_sequences_are_counted_in_characters() {
+        let ok = GenerationInput { stop: vec!["é".repeat(64)], ..input(PromptInput::Text("a".into())) };
+        assert!(check(ok).is_ok());
+    }
+}
