@@ -24,14 +24,16 @@ def test_schemathesis_finds_no_failure_in_any_phase(tmp_path: Path) -> None:
     server = start_gateway(
         "--engine", "mock", "--mock-tokens", "12",
         "--model", f"v1={TINY}", "--model", f"v2={TINY}",
-        "--rate-limit", "off", "--max-streams-per-client", "0", "--log-level", "error",
+        "--rate-limit", "off", "--max-streams-per-client", "0",
     )
     seed = os.environ.get("SCHEMATHESIS_SEED", "20261125")
     try:
         args = [
             str(SCHEMATHESIS), "--config-file", str(CONFIG), "run", f"{server.base}/api/openapi.json",
             "--checks", "all", "--phases", "examples,coverage,fuzzing,stateful",
-            "--max-examples", "60", "--workers", "2", "--request-timeout", "20", "--no-color",
+            # One worker: with two, hypothesis' lambda-source cache sometimes fails inside the tool
+            # ("AST constructor recursion depth mismatch"), an error of the fuzzer, not of the API.
+            "--max-examples", "120", "--workers", "1", "--request-timeout", "20", "--no-color",
         ]
         if seed != "random":
             args += ["--seed", seed, "--generation-deterministic"]
