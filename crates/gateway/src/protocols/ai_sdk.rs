@@ -14,10 +14,10 @@ use serde_json::json;
 use streamgate_inference::{FinishReason, SamplingParams, Usage};
 use utoipa::ToSchema;
 
-use crate::error::{ApiError, ErrorBody};
+use crate::error::ApiError;
 use crate::generation::{DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationInput, PromptInput, ValidGeneration};
 use crate::http::paths::resource;
-use crate::protocols::wire;
+use crate::protocols::wire::{self, BodyGenerationErrors};
 use crate::sse::EventFormat;
 use crate::state::AppState;
 
@@ -89,13 +89,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     request_body = UiChatRequest,
     responses(
         (status = 200, description = "UI message stream parts as SSE `data:` JSON, then `data: [DONE]`; header `x-vercel-ai-ui-message-stream: v1`", content_type = "text/event-stream", body = UiStreamPart),
-        (status = 400, description = "The body is not JSON", body = ErrorBody),
-        (status = 404, description = "Unknown model version", body = ErrorBody),
-        (status = 413, description = "The body is larger than --max-body-bytes", body = ErrorBody),
-        (status = 415, description = "The body is not application/json", body = ErrorBody),
-        (status = 422, description = "A field is missing or out of bounds, or the prompt is longer than the context", body = ErrorBody),
-        (status = 429, description = "Rate limited or too many open streams", body = ErrorBody),
-        (status = 503, description = "The model's queue is full, or the server is shutting down", body = ErrorBody)))]
+        BodyGenerationErrors))]
 pub async fn chat(
     state: web::Data<AppState>,
     version: web::Path<String>,

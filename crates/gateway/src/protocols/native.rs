@@ -18,7 +18,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::error::{ApiError, ErrorBody};
 use crate::generation::{DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationInput, PromptInput, ValidGeneration};
 use crate::http::paths::resource;
-use crate::protocols::wire::{self, Query, Stop};
+use crate::protocols::wire::{self, BodyGenerationErrors, Query, QueryGenerationErrors, Stop};
 use crate::sse::EventFormat;
 use crate::state::AppState;
 
@@ -190,13 +190,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     request_body = InferenceRequest,
     responses(
         (status = 200, description = "`data: {\"index\":0,\"text\":\"Hel\"}` per token with text, then `data: {\"finish_reason\":\"stop\",\"usage\":{...}}`, then `data: [DONE]`; keep-alive comments while waiting", content_type = "text/event-stream", body = NativeEvent),
-        (status = 400, description = "The body is not JSON", body = ErrorBody),
-        (status = 404, description = "Unknown model version", body = ErrorBody),
-        (status = 413, description = "The body is larger than --max-body-bytes", body = ErrorBody),
-        (status = 415, description = "The body is not application/json", body = ErrorBody),
-        (status = 422, description = "A field is missing, unknown or out of bounds, or the prompt is longer than the context", body = ErrorBody),
-        (status = 429, description = "Rate limited or too many open streams", body = ErrorBody),
-        (status = 503, description = "The model's queue is full, or the server is shutting down", body = ErrorBody)))]
+        BodyGenerationErrors))]
 pub async fn stream_post(
     state: web::Data<AppState>,
     version: web::Path<String>,
@@ -211,11 +205,7 @@ pub async fn stream_post(
     params(("version" = String, Path, description = "Model version, e.g. v1"), InferenceQuery),
     responses(
         (status = 200, description = "The same event stream as the POST form", content_type = "text/event-stream", body = NativeEvent),
-        (status = 400, description = "The query string is not UTF-8", body = ErrorBody),
-        (status = 404, description = "Unknown model version", body = ErrorBody),
-        (status = 422, description = "A parameter is missing, unknown or out of bounds", body = ErrorBody),
-        (status = 429, description = "Rate limited or too many open streams", body = ErrorBody),
-        (status = 503, description = "The model's queue is full, or the server is shutting down", body = ErrorBody)))]
+        QueryGenerationErrors))]
 pub async fn stream_get(
     state: web::Data<AppState>,
     version: web::Path<String>,
@@ -241,13 +231,7 @@ async fn stream(
     params(("version" = String, Path, description = "Model version, e.g. v1")),
     request_body = InferenceRequest,
     responses((status = 200, body = InferenceResponse),
-        (status = 400, description = "The body is not JSON", body = ErrorBody),
-        (status = 404, description = "Unknown model version", body = ErrorBody),
-        (status = 413, description = "The body is larger than --max-body-bytes", body = ErrorBody),
-        (status = 415, description = "The body is not application/json", body = ErrorBody),
-        (status = 422, description = "A field is missing, unknown or out of bounds, or the prompt is longer than the context", body = ErrorBody),
-        (status = 429, description = "Rate limited", body = ErrorBody),
-        (status = 503, description = "The model's queue is full, or the server is shutting down", body = ErrorBody)))]
+        BodyGenerationErrors))]
 pub async fn complete(
     state: web::Data<AppState>,
     version: web::Path<String>,

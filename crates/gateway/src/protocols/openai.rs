@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use crate::error::{ApiError, ErrorBody, ErrorStyle};
 use crate::generation::{GenerationInput, PromptInput, ValidGeneration, check_unused_max_tokens};
 use crate::http::paths::resource;
-use crate::protocols::wire::{self, Stop};
+use crate::protocols::wire::{self, BodyGenerationErrors, Stop};
 use crate::sse::EventFormat;
 use crate::state::AppState;
 
@@ -188,13 +188,7 @@ pub async fn list_models(state: web::Data<AppState>) -> HttpResponse {
     responses(
         (status = 200, description = "`chat.completion`, or with `stream: true` an event stream of `chat.completion.chunk` objects ending with `data: [DONE]`",
             content((ChatCompletion = "application/json"), (ChatStreamEvent = "text/event-stream"))),
-        (status = 400, description = "The body is not JSON (OpenAI error style)", body = ErrorBody),
-        (status = 404, description = "Unknown model (`model_not_found`)", body = ErrorBody),
-        (status = 413, description = "The body is larger than --max-body-bytes", body = ErrorBody),
-        (status = 415, description = "The body is not application/json", body = ErrorBody),
-        (status = 422, description = "A field is missing or out of bounds, or the prompt is longer than the context", body = ErrorBody),
-        (status = 429, description = "Rate limited or too many open streams", body = ErrorBody),
-        (status = 503, description = "The model's queue is full, or the server is shutting down", body = ErrorBody)))]
+        BodyGenerationErrors))]
 pub async fn chat_completions(
     state: web::Data<AppState>,
     body: web::Json<ChatCompletionRequest>,

@@ -7,11 +7,11 @@ use actix_web::dev::Payload;
 use actix_web::{FromRequest, HttpRequest, web};
 use serde::de::{self, DeserializeOwned, Deserializer, Unexpected, Visitor};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::{IntoResponses, ToSchema};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::generation::{MAX_STOP_CHARS, MAX_STOP_SEQUENCES};
 use crate::http::paths::error_for;
 
@@ -49,6 +49,53 @@ pub fn stop_schema() -> impl Into<RefOr<Schema>> {
         .description(Some(format!(
             "Up to {MAX_STOP_SEQUENCES} sequences that end generation (not included in the output)"
         )))
+}
+
+/// The errors a generation route with a JSON body can answer (every protocol; the OpenAI routes
+/// in their style), for the OpenAPI document.
+#[derive(IntoResponses)]
+pub enum BodyGenerationErrors {
+    /// The body is not JSON.
+    #[response(status = 400)]
+    InvalidJson(ErrorBody),
+    /// Unknown model version (`model_not_found` on the OpenAI routes).
+    #[response(status = 404)]
+    UnknownVersion(ErrorBody),
+    /// The body is larger than `--max-body-bytes`.
+    #[response(status = 413)]
+    PayloadTooLarge(ErrorBody),
+    /// The body is not `application/json`.
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorBody),
+    /// A field is missing, unknown or out of bounds, or the prompt is longer than the context.
+    #[response(status = 422)]
+    InvalidRequest(ErrorBody),
+    /// Rate limited, or too many open streams for this client.
+    #[response(status = 429)]
+    TooManyRequests(ErrorBody),
+    /// The model's queue is full, or the server is shutting down.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
+/// The errors of the query-string form (`GET …/inference/stream`).
+#[derive(IntoResponses)]
+pub enum QueryGenerationErrors {
+    /// The query string is not UTF-8 once percent-decoded.
+    #[response(status = 400)]
+    InvalidQuery(ErrorBody),
+    /// Unknown model version.
+    #[response(status = 404)]
+    UnknownVersion(ErrorBody),
+    /// A parameter is missing, unknown or out of bounds, or the prompt is longer than the context.
+    #[response(status = 422)]
+    InvalidRequest(ErrorBody),
+    /// Rate limited, or too many open streams for this client.
+    #[response(status = 429)]
+    TooManyRequests(ErrorBody),
+    /// The model's queue is full, or the server is shutting down.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
 }
 
 /// The longest prompt a query string carries, in characters: percent-encoded (up to 12 bytes a
