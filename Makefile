@@ -55,10 +55,11 @@ run: setup ## start the gateway on the default model (http://127.0.0.1:8000)
 
 test: setup lint test-rust test-python test-browser ## every test: Rust, Python references, browser and client libraries
 
-lint: ## rustfmt, clippy (warnings are errors), and no import cycle between the gateway's modules
+lint: ## rustfmt, clippy (warnings are errors), and no import cycle between a crate's modules
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
 	python3 scripts/check_import_cycles.py crates/gateway/src
+	python3 scripts/check_import_cycles.py crates/inference/src
 
 test-rust: setup
 	cargo build --quiet -p streamgate-inference --example reference_dump

@@ -28,8 +28,8 @@ use ort::memory::{Allocator, MemoryInfo};
 use ort::session::{IoBinding, Session};
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRefMut};
 
+use super::graph::{CacheIo, Interrupt, ModelShape, unsupported};
 use super::prefix_cache::PrefixCache;
-use super::{CacheIo, Interrupt, ModelShape, unsupported};
 use crate::error::{InferenceError, Result};
 use crate::model_files::ModelFiles;
 

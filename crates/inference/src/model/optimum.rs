@@ -20,7 +20,7 @@ use std::borrow::Cow;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 
-use super::{CacheIo, Interrupt, ModelShape, unsupported};
+use super::graph::{CacheIo, Interrupt, ModelShape, unsupported};
 use crate::error::{InferenceError, Result};
 use crate::model_files::ModelFiles;
 
