@@ -33,6 +33,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("unknown model version '{0}'")]
     UnknownVersion(String),
+    #[error("no such stream (or it is no longer kept)")]
+    UnknownStream,
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("this origin is not allowed to call the API (see ALLOWED_ORIGINS / ALLOWED_ORIGIN_REGEX)")]
@@ -70,6 +72,7 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     NotFound,
     UnknownModelVersion,
+    UnknownStream,
     /// The OpenAI-style code for an unknown `model`.
     ModelNotFound,
     MethodNotAllowed,
@@ -85,7 +88,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [Self; 19] = [
+    pub const ALL: [Self; 20] = [
         Self::InvalidJson,
         Self::InvalidQuery,
         Self::InvalidRequest,
@@ -94,6 +97,7 @@ impl ErrorCode {
         Self::UnsupportedMediaType,
         Self::NotFound,
         Self::UnknownModelVersion,
+        Self::UnknownStream,
         Self::ModelNotFound,
         Self::MethodNotAllowed,
         Self::OriginNotAllowed,
@@ -117,6 +121,7 @@ impl ErrorCode {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::NotFound => "not_found",
             Self::UnknownModelVersion => "unknown_model_version",
+            Self::UnknownStream => "unknown_stream",
             Self::ModelNotFound => "model_not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::OriginNotAllowed => "origin_not_allowed",
@@ -173,6 +178,7 @@ impl ApiError {
             Self::UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::UnknownVersion(_) => ErrorCode::UnknownModelVersion,
+            Self::UnknownStream => ErrorCode::UnknownStream,
             Self::MethodNotAllowed => ErrorCode::MethodNotAllowed,
             Self::OriginNotAllowed => ErrorCode::OriginNotAllowed,
             Self::Unauthorized => ErrorCode::Unauthorized,
@@ -329,7 +335,7 @@ impl ResponseError for ApiError {
             Self::InvalidRequest(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::NotFound(_) | Self::UnknownVersion(_) => StatusCode::NOT_FOUND,
+            Self::NotFound(_) | Self::UnknownVersion(_) | Self::UnknownStream => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::OriginNotAllowed => StatusCode::FORBIDDEN,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,

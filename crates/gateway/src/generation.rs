@@ -20,11 +20,12 @@ use streamgate_inference::{
 };
 
 use crate::error::ApiError;
-use crate::http::rate_limit::client_of;
+use crate::http::rate_limit::{StreamPermit, client_of};
 use crate::http::request_log::RequestLog;
 use crate::settings::Settings;
-use crate::sse::{EventFormat, StreamMetrics, TokenEvents, sse_response};
+use crate::sse::{EventFormat, Replay, SharedReplay, StreamMetrics, TokenEvents, lock, sse_response};
 use crate::state::AppState;
+use crate::streams::StreamId;
 
 /// Defaults for optional sampling fields of the native and AI SDK protocols (the OpenAI protocol
 /// keeps OpenAI's: 1 and 1).
@@ -62,6 +63,8 @@ pub struct ValidGeneration {
     version: String,
     model: Arc<dyn Generator>,
     request: GenerationRequest,
+    /// The AI SDK chat this reply belongs to (its stream can be resumed by chat id).
+    chat_id: Option<String>,
 }
 
 /// A generation run to its end (non-streaming routes).
@@ -90,12 +93,19 @@ impl ValidGeneration {
             return Err(ApiError::ShuttingDown);
         }
         let request = validate(&state.settings, model.as_ref(), input)?;
-        Ok(Self { version: version.to_owned(), model, request })
+        Ok(Self { version: version.to_owned(), model, request, chat_id: None })
+    }
+
+    /// Register the stream under an AI SDK chat id too.
+    pub fn for_chat(mut self, chat_id: Option<String>) -> Self {
+        self.chat_id = chat_id;
+        self
     }
 
     /// Queue the request and answer with its token stream as SSE in `format`, holding the
-    /// client's stream slot for as long as the stream is open. `started` is when the request
-    /// arrived (time to first token is measured from it).
+    /// client's stream slot for as long as the stream is open. The stream is registered as
+    /// resumable (`X-Stream-Id`, event ids `STREAM-SEQ`). `started` is when the request arrived
+    /// (time to first token is measured from it).
     pub async fn stream<F: EventFormat>(
         self,
         state: &AppState,
@@ -103,20 +113,23 @@ impl ValidGeneration {
         req: &HttpRequest,
         started: Instant,
     ) -> Result<HttpResponse, ApiError> {
-        let permit = client_of(req)
-            .map(|key| state.stream_slots.acquire(key))
-            .transpose()
-            .inspect_err(|_| state.metrics.rate_limited.with_label_values(&["streams"]).inc())?;
+        let permit = stream_permit(state, req)?;
         let tokens = self.model.generate(self.request).await.inspect_err(|e| count_rejection(state, e))?;
-        let events = TokenEvents::new(
-            tokens,
-            format,
-            StreamMetrics::new(&state.metrics, &self.version),
+        let metrics = StreamMetrics::new(&state.metrics, &self.version);
+        let active = metrics.active_gauge();
+        let replay = Replay::new(tokens, format, metrics, RequestLog::of(req), started);
+        let owner = client_of(req);
+        let id = state.streams.register(owner, &self.version, self.chat_id.as_deref(), Arc::clone(&replay));
+        let events = TokenEvents::attach(
+            replay,
+            Some(id.to_string().into()),
+            0,
             state.shutdown.signal(),
+            active,
             RequestLog::of(req),
-            started,
         )
-        .holding(permit);
+        .holding(permit)
+        .on_detach(state.streams.detach_hook(id));
         Ok(sse_response(events, Duration::from_secs(state.settings.sse_keep_alive_secs), req))
     }
 
@@ -136,6 +149,68 @@ impl ValidGeneration {
         }
         Err(ApiError::Internal("the token stream ended without a finish event".into()))
     }
+}
+
+/// Where a resumed stream picks up.
+#[derive(Debug, Clone, Copy)]
+pub enum ResumePoint {
+    /// After event `n` (its sequence number); 0 is the start.
+    After(usize),
+    /// From the start, if it is still running (the AI SDK's resume: 204 when it has ended).
+    Live,
+}
+
+/// Continue stream `id` of `version` for the client of `req`: the events after `from`, then the
+/// live ones, ending with `[DONE]` like any stream. The same generation — the model does not run
+/// again. 404 for an unknown id and for another client's stream alike; `Ok(None)` for
+/// [`ResumePoint::Live`] when the stream has ended.
+pub fn resume(
+    state: &AppState,
+    version: &str,
+    id: StreamId,
+    replay: Option<SharedReplay>,
+    from: ResumePoint,
+    req: &HttpRequest,
+) -> Result<Option<HttpResponse>, ApiError> {
+    if let Some(log) = RequestLog::of(req) {
+        log.set_version(version);
+    }
+    let replay =
+        replay.or_else(|| state.streams.find(id, client_of(req), version)).ok_or(ApiError::UnknownStream)?;
+    let cursor = {
+        let r = lock(&replay);
+        match from {
+            ResumePoint::Live if r.finished().is_some() => return Ok(None),
+            ResumePoint::Live => 0,
+            // A client cannot have seen an event that was not sent.
+            ResumePoint::After(n) if n > r.len() => return Err(ApiError::UnknownStream),
+            // It saw everything: send `[DONE]` again, so the resumed stream ends like any other.
+            ResumePoint::After(n) if n == r.len() && r.finished().is_some() => n.saturating_sub(1),
+            ResumePoint::After(n) => n,
+        }
+    };
+    let permit = stream_permit(state, req)?;
+    let active = state.metrics.active_streams.with_label_values(&[version]);
+    let events = TokenEvents::attach(
+        replay,
+        Some(id.to_string().into()),
+        cursor,
+        state.shutdown.signal(),
+        active,
+        RequestLog::of(req),
+    )
+    .holding(permit)
+    .on_detach(state.streams.detach_hook(id));
+    state.metrics.resumed_streams.with_label_values(&[version]).inc();
+    Ok(Some(sse_response(events, Duration::from_secs(state.settings.sse_keep_alive_secs), req)))
+}
+
+/// The client's stream slot (429 `too_many_streams` when it already holds the maximum).
+fn stream_permit(state: &AppState, req: &HttpRequest) -> Result<Option<StreamPermit>, ApiError> {
+    client_of(req)
+        .map(|key| state.stream_slots.acquire(key))
+        .transpose()
+        .inspect_err(|_| state.metrics.rate_limited.with_label_values(&["streams"]).inc())
 }
 
 /// Count 503 refusals by reason for `/metrics`.

@@ -7,7 +7,8 @@
 //!   models, health) are the handlers;
 //! - [`generation`] validates a request once and streams or collects it; [`state`] is what
 //!   handlers share;
-//! - [`sse`] turns a token stream into events in any format; [`http`] is the middleware and
+//! - [`streams`] keeps this replica's resumable streams; [`sse`] turns a token stream into a
+//!   replayable log of events in any format; [`http`] is the middleware and
 //!   the one path table; [`metrics`], [`model_registry`], [`settings`], [`logging`];
 //! - [`error`], the leaf.
 //!
@@ -28,6 +29,7 @@ pub mod server;
 pub mod settings;
 pub mod sse;
 pub mod state;
+pub mod streams;
 
 pub use app::create_app;
 pub use error::ApiError;

@@ -1,5 +1,5 @@
 //! Prometheus metrics: requests by route and status, active streams, tokens streamed, time to
-//! first token and inter-token gaps, rate-limited and rejected requests, and the engines' own
+//! first token and inter-token gaps, rate-limited, rejected and resumed requests, and the engines' own
 //! gauges (read at scrape time: generations, queue, KV slots, batch size, decode steps, queue
 //! time, prefix-cache hits). Served as text at `GET /metrics`.
 
@@ -20,6 +20,7 @@ pub struct Metrics {
     pub inter_token: HistogramVec,
     pub rate_limited: IntCounterVec,
     pub rejected: IntCounterVec,
+    pub resumed_streams: IntCounterVec,
     engine_active: IntGaugeVec,
     engine_queued: IntGaugeVec,
     engine_cancelled: IntGaugeVec,
@@ -66,6 +67,10 @@ impl Metrics {
             rate_limited: IntCounterVec::new(
                 Opts::new("rate_limited_total", "Requests refused with 429"),
                 &["reason"],
+            )?,
+            resumed_streams: IntCounterVec::new(
+                Opts::new("resumed_streams_total", "Streams continued by a reconnecting client (Last-Event-ID, resume endpoints)"),
+                &["version"],
             )?,
             rejected: IntCounterVec::new(
                 Opts::new("rejected_total", "Requests refused with 503 (queue full, not ready, draining)"),
@@ -124,7 +129,7 @@ impl Metrics {
             )?,
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(m.requests.clone()),
             Box::new(m.active_streams.clone()),
             Box::new(m.tokens_streamed.clone()),
@@ -132,6 +137,7 @@ impl Metrics {
             Box::new(m.inter_token.clone()),
             Box::new(m.rate_limited.clone()),
             Box::new(m.rejected.clone()),
+            Box::new(m.resumed_streams.clone()),
             Box::new(m.engine_active.clone()),
             Box::new(m.engine_queued.clone()),
             Box::new(m.engine_cancelled.clone()),

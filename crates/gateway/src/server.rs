@@ -87,6 +87,15 @@ pub async fn serve(state: web::Data<AppState>) -> std::io::Result<()> {
             slog::debug!(sweeper.logger, "rate limiter sweep"; "tracked_clients" => tracked);
         }
     });
+    let streams = state.clone();
+    actix_web::rt::spawn(async move {
+        let mut every = actix_web::rt::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            let kept = streams.streams.evict();
+            slog::trace!(streams.logger, "stream sweep"; "kept_streams" => kept);
+        }
+    });
     let shutdown_state = state.clone();
     actix_web::rt::spawn(async move {
         let signal = wait_for_signal().await;

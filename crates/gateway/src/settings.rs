@@ -143,6 +143,19 @@ pub struct Settings {
     #[arg(long, env = "STREAMGATE_CONTEXT_LENGTH")]
     pub context_length: Option<usize>,
 
+    /// Seconds a generation keeps running after its client disconnected, so that a reconnect
+    /// (`Last-Event-ID`, the resume endpoints) continues it; 0 cancels it at once.
+    #[arg(long, env = "STREAMGATE_DISCONNECT_GRACE_SECS", default_value_t = 5)]
+    pub disconnect_grace_secs: u64,
+
+    /// Seconds a finished stream's events stay readable for a resume.
+    #[arg(long, env = "STREAMGATE_STREAM_RETENTION_SECS", default_value_t = 300)]
+    pub stream_retention_secs: u64,
+
+    /// Finished streams kept for resumes at most; past it the oldest go first.
+    #[arg(long, env = "STREAMGATE_MAX_RETAINED_STREAMS", default_value_t = 1024)]
+    pub max_retained_streams: usize,
+
     /// Megabytes of finished generations' KV kept so a prompt that starts the same way (a system
     /// prompt, a conversation's earlier turns) is not recomputed; 0 turns prefix reuse off.
     #[arg(long, env = "STREAMGATE_PREFIX_CACHE_MB", default_value_t = streamgate_inference::DEFAULT_PREFIX_CACHE_MB)]
@@ -287,6 +300,18 @@ impl Settings {
         }
         if !(0.0..=1000.0).contains(&self.prefill_pace) {
             return fail("--prefill-pace / STREAMGATE_PREFILL_PACE", "must be 0..=1000".into());
+        }
+        if self.disconnect_grace_secs > 3600 {
+            return fail(
+                "--disconnect-grace-secs / STREAMGATE_DISCONNECT_GRACE_SECS",
+                "must be 0..=3600".into(),
+            );
+        }
+        if self.stream_retention_secs > 86_400 {
+            return fail(
+                "--stream-retention-secs / STREAMGATE_STREAM_RETENTION_SECS",
+                "must be 0..=86400".into(),
+            );
         }
         if self.prefix_cache_mb > 1 << 20 {
             return fail("--prefix-cache-mb / STREAMGATE_PREFIX_CACHE_MB", "must be at most 1048576".into());

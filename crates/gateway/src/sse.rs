@@ -1,23 +1,29 @@
-//! Token streams as `text/event-stream` responses, for any wire format.
+//! Token streams as `text/event-stream` responses, for any wire format, replayable.
 //!
-//! [`TokenEvents`] is a small state machine over the inference crate's token stream: each event
-//! becomes a `data:` line in a wire format (an [`EventFormat`], which the protocols implement),
-//! the stream always ends with `data: [DONE]`, and a failure after the stream has started is a
-//! JSON `data:` event with an `error` object (then `[DONE]`) — never a cut connection. Keep-alive
-//! comments flow while no token is ready; dropping the response (client gone) drops the token
-//! stream, which cancels the generation at its next step.
+//! A [`Replay`] is one generation's event log: it owns the inference crate's token stream and
+//! renders each event as a `data:` payload in a wire format (an [`EventFormat`], which the
+//! protocols implement); it always ends with `data: [DONE]`, and a failure after the stream has
+//! started is the format's error event (then `[DONE]`) — never a cut connection. Payloads are kept
+//! (shared, not copied) so a client that reconnects can be sent what it missed.
+//!
+//! [`TokenEvents`] is one client's reading of a replay: it sends the log from a cursor, each event
+//! with the id `STREAM-SEQ`, and drives the token stream itself when it has caught up (so a live
+//! stream costs what it did before replay existed: no task, no channel). Only the newest reader
+//! drives; an older one ends when a newer one attaches. When the driving reader goes away before
+//! the end, its detach hook decides: cancel now (the default without a resume window) or after a
+//! grace period (`crate::streams`). Keep-alive comments flow while no token is ready.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{HttpResponse, Responder};
 use actix_web_lab::sse::{Data, Event, Sse};
+use bytestring::ByteString;
 use futures_core::Stream;
 use prometheus::{Histogram, IntCounter, IntGauge};
 use streamgate_inference::{FinishReason, GenerationEvent, TokenStream, Usage};
@@ -52,6 +58,11 @@ pub struct StreamMetrics {
 }
 
 impl StreamMetrics {
+    /// The open-streams gauge of this version (each reader counts once).
+    pub fn active_gauge(&self) -> IntGauge {
+        self.active.clone()
+    }
+
     pub fn new(metrics: &Metrics, version: &str) -> Self {
         Self {
             active: metrics.active_streams.with_label_values(&[version]),
@@ -65,75 +76,112 @@ impl StreamMetrics {
 /// Resolves when the server wants open streams to end now (drain timeout reached).
 pub type ShutdownSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-enum State {
-    Running,
-    Finished,
-}
-
-/// The SSE event stream of one generation.
-pub struct TokenEvents<F: EventFormat> {
-    tokens: TokenStream,
-    format: F,
-    state: State,
-    pending: VecDeque<String>,
-    shutdown: ShutdownSignal,
+/// What a replay's driver needs to time and count tokens (resolved once: no label lookups per token).
+struct Timing {
     metrics: StreamMetrics,
-    log: Option<Arc<RequestLog>>,
     started: Instant,
     last_token: Option<Instant>,
     /// Nothing was sent yet, or the token stream returned `Pending` since the last token: the
     /// next token is a new delivery, timed.
     waited: bool,
-    tokens_sent: u64,
-    /// Tokens sent but not yet added to the shared counter (added whenever the stream waits).
-    tokens_unreported: u64,
-    finish_reason: Option<&'static str>,
-    /// Whatever must live as long as the stream (the client's stream slot), dropped with it.
-    _held: Option<Box<dyn Send>>,
+    /// Tokens rendered but not yet added to the shared counter (added whenever the stream waits).
+    unreported: u64,
 }
 
-impl<F: EventFormat> TokenEvents<F> {
+/// One generation's events, shared by the readers of its stream.
+pub struct Replay {
+    /// `None` once the generation ended or was cancelled.
+    tokens: Option<TokenStream>,
+    format: Box<dyn EventFormat>,
+    /// Every `data:` payload so far; event `n` (its id's SEQ) is `events[n - 1]`.
+    events: Vec<ByteString>,
+    /// Why it ended, once `[DONE]` is the last event (or it was cancelled).
+    finished: Option<&'static str>,
+    finished_at: Option<Instant>,
+    timing: Timing,
+    /// The request that started it, told its time to first token and errors.
+    log: Option<Arc<RequestLog>>,
+    /// Tokens rendered (an event each, when they have text).
+    rendered: u64,
+    /// Bumped by every reader that attaches; only the reader holding the newest drives.
+    epoch: u64,
+}
+
+/// A replay behind the lock its readers share.
+pub type SharedReplay = Arc<Mutex<Replay>>;
+
+/// Lock a replay; a panic elsewhere while holding it leaves it readable.
+pub fn lock(replay: &SharedReplay) -> MutexGuard<'_, Replay> {
+    replay.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Replay {
     /// `started` is when the request arrived (time to first token is measured from it).
     pub fn new(
         tokens: TokenStream,
-        mut format: F,
+        mut format: impl EventFormat,
         metrics: StreamMetrics,
-        shutdown: ShutdownSignal,
         log: Option<Arc<RequestLog>>,
         started: Instant,
-    ) -> Self {
-        metrics.active.inc();
-        let pending = format.start().into();
-        Self {
-            tokens,
-            format,
-            state: State::Running,
-            pending,
-            shutdown,
-            metrics,
+    ) -> SharedReplay {
+        let events = format.start().into_iter().map(ByteString::from).collect();
+        Arc::new(Mutex::new(Self {
+            tokens: Some(tokens),
+            format: Box::new(format),
+            events,
+            finished: None,
+            finished_at: None,
+            timing: Timing { metrics, started, last_token: None, waited: true, unreported: 0 },
             log,
-            started,
-            last_token: None,
-            waited: true,
-            tokens_sent: 0,
-            tokens_unreported: 0,
-            finish_reason: None,
-            _held: None,
+            rendered: 0,
+            epoch: 0,
+        }))
+    }
+
+    /// Events so far.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Why it ended, if it has.
+    pub fn finished(&self) -> Option<&'static str> {
+        self.finished
+    }
+
+    /// When it ended, if it has.
+    pub fn finished_at(&self) -> Option<Instant> {
+        self.finished_at
+    }
+
+    /// The newest reader's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Stop the generation now (its token stream is dropped, so the engine frees its slot at
+    /// the next step). Nothing more is appended.
+    pub fn cancel(&mut self) {
+        if self.finished.is_none() {
+            self.tokens = None;
+            self.finish("client_disconnected");
         }
     }
 
-    /// Keep `guard` (e.g. the client's stream slot) alive for the life of this stream.
-    pub fn holding(mut self, guard: impl Send + 'static) -> Self {
-        self._held = Some(Box::new(guard));
-        self
+    fn finish(&mut self, reason: &'static str) {
+        self.report_tokens();
+        self.finished = Some(reason);
+        self.finished_at = Some(Instant::now());
     }
 
     fn end_with(&mut self, events: Vec<String>, reason: &'static str) {
-        self.pending.extend(events);
-        self.pending.push_back(DONE.to_owned());
-        self.report_tokens();
-        self.state = State::Finished;
-        self.finish_reason = Some(reason);
+        self.events.extend(events.into_iter().map(ByteString::from));
+        self.events.push(ByteString::from_static(DONE));
+        self.tokens = None;
+        self.finish(reason);
     }
 
     fn fail(&mut self, error: &ApiError) {
@@ -148,69 +196,67 @@ impl<F: EventFormat> TokenEvents<F> {
     /// were already waiting when the stream was polled (a burst drained in one go) are sent
     /// back to back and add no gap, which keeps a clock read and a histogram update off the
     /// per-event path where the gateway is busiest; a token that had to be waited for is timed.
-    fn on_token(&mut self, index: usize, text: &str) -> Option<String> {
-        if self.waited {
+    fn on_token(&mut self, index: usize, text: &str) {
+        let timing = &mut self.timing;
+        if timing.waited {
             let now = Instant::now();
-            match self.last_token {
+            match timing.last_token {
                 None => {
-                    let ttft = now.duration_since(self.started);
-                    self.metrics.ttft.observe(ttft.as_secs_f64());
+                    let ttft = now.duration_since(timing.started);
+                    timing.metrics.ttft.observe(ttft.as_secs_f64());
                     if let Some(log) = &self.log {
                         log.set_time_to_first_token(ttft);
                     }
                 }
-                Some(previous) => self.metrics.gap.observe(now.duration_since(previous).as_secs_f64()),
+                Some(previous) => timing.metrics.gap.observe(now.duration_since(previous).as_secs_f64()),
             }
-            self.last_token = Some(now);
-            self.waited = false;
+            timing.last_token = Some(now);
+            timing.waited = false;
         }
-        self.tokens_sent += 1;
-        self.tokens_unreported += 1;
-        self.format.token(index, text)
+        self.rendered += 1;
+        timing.unreported += 1;
+        if let Some(data) = self.format.token(index, text) {
+            self.events.push(ByteString::from(data));
+        }
     }
 
-    /// Add the tokens sent so far to the shared counter (one atomic add per delivery, not per token).
+    /// Add the tokens rendered so far to the shared counter (one atomic add per delivery).
     fn report_tokens(&mut self) {
-        if self.tokens_unreported > 0 {
-            self.metrics.tokens.inc_by(self.tokens_unreported);
-            self.tokens_unreported = 0;
+        if self.timing.unreported > 0 {
+            self.timing.metrics.tokens.inc_by(self.timing.unreported);
+            self.timing.unreported = 0;
         }
     }
-}
 
-impl<F: EventFormat> Stream for TokenEvents<F> {
-    type Item = Result<Event, Infallible>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
+    /// Advance the generation by what is ready: `Ready` when events were appended or it ended,
+    /// `Pending` (with `cx` woken later) when nothing is ready.
+    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let before = self.events.len();
         loop {
-            if let Some(data) = this.pending.pop_front() {
-                return Poll::Ready(Some(Ok(Event::Data(Data::new(data)))));
-            }
-            if matches!(this.state, State::Finished) {
-                return Poll::Ready(None);
-            }
-            match this.tokens.as_mut().poll_next(cx) {
+            let Some(tokens) = self.tokens.as_mut() else { return Poll::Ready(()) };
+            match tokens.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(GenerationEvent::Token { index, text, .. }))) => {
-                    if let Some(data) = this.on_token(index, &text) {
-                        return Poll::Ready(Some(Ok(Event::Data(Data::new(data)))));
+                    self.on_token(index, &text);
+                    if self.events.len() > before {
+                        return Poll::Ready(());
                     }
                 }
                 Poll::Ready(Some(Ok(GenerationEvent::Finished { reason, usage }))) => {
-                    let events = this.format.finish(reason, usage);
-                    this.end_with(events, reason.as_str());
+                    let events = self.format.finish(reason, usage);
+                    self.end_with(events, reason.as_str());
+                    return Poll::Ready(());
                 }
-                Poll::Ready(Some(Err(e))) => this.fail(&ApiError::from(e)),
+                Poll::Ready(Some(Err(e))) => {
+                    self.fail(&ApiError::from(e));
+                    return Poll::Ready(());
+                }
                 Poll::Ready(None) => {
-                    this.fail(&ApiError::Internal("the token stream ended without a finish event".into()))
+                    self.fail(&ApiError::Internal("the token stream ended without a finish event".into()));
+                    return Poll::Ready(());
                 }
                 Poll::Pending => {
-                    this.waited = true;
-                    this.report_tokens();
-                    if this.shutdown.as_mut().poll(cx).is_ready() {
-                        this.fail(&ApiError::ShuttingDown);
-                        continue;
-                    }
+                    self.timing.waited = true;
+                    self.report_tokens();
                     return Poll::Pending;
                 }
             }
@@ -218,25 +264,151 @@ impl<F: EventFormat> Stream for TokenEvents<F> {
     }
 }
 
-impl<F: EventFormat> Drop for TokenEvents<F> {
-    fn drop(&mut self) {
-        self.report_tokens();
-        self.metrics.active.dec();
-        if let Some(log) = &self.log {
-            log.set_stream_outcome(self.tokens_sent, self.finish_reason.unwrap_or("client_disconnected"));
+/// Called when the reader that drives a replay goes away before its end, with the epoch it
+/// held: cancel now, or later if nobody resumes.
+pub type DetachHook = Box<dyn FnOnce(&SharedReplay, u64) + Send>;
+
+/// One client's reading of a replay: the SSE event stream of a response.
+pub struct TokenEvents {
+    replay: SharedReplay,
+    /// Event ids are `STREAM-SEQ`; `None` sends no ids (a replay nobody can resume).
+    stream_id: Option<Arc<str>>,
+    /// The next event to send (0-based).
+    cursor: usize,
+    epoch: u64,
+    shutdown: ShutdownSignal,
+    active: IntGauge,
+    log: Option<Arc<RequestLog>>,
+    detach: Option<DetachHook>,
+    /// Whatever must live as long as the stream (the client's stream slot), dropped with it.
+    _held: Option<Box<dyn Send>>,
+}
+
+impl TokenEvents {
+    /// A stream nobody can resume: its generation is cancelled as soon as this reader goes.
+    pub fn new(
+        tokens: TokenStream,
+        format: impl EventFormat,
+        metrics: StreamMetrics,
+        shutdown: ShutdownSignal,
+        log: Option<Arc<RequestLog>>,
+        started: Instant,
+    ) -> Self {
+        let active = metrics.active.clone();
+        let replay = Replay::new(tokens, format, metrics, log.clone(), started);
+        Self::attach(replay, None, 0, shutdown, active, log)
+    }
+
+    /// Read `replay` from event `cursor` (0: the start), taking over from any earlier reader.
+    pub fn attach(
+        replay: SharedReplay,
+        stream_id: Option<Arc<str>>,
+        cursor: usize,
+        shutdown: ShutdownSignal,
+        active: IntGauge,
+        log: Option<Arc<RequestLog>>,
+    ) -> Self {
+        let epoch = {
+            let mut r = lock(&replay);
+            r.epoch += 1;
+            r.epoch
+        };
+        active.inc();
+        Self { replay, stream_id, cursor, epoch, shutdown, active, log, detach: None, _held: None }
+    }
+
+    /// Keep `guard` (e.g. the client's stream slot) alive for the life of this stream.
+    pub fn holding(mut self, guard: impl Send + 'static) -> Self {
+        self._held = Some(Box::new(guard));
+        self
+    }
+
+    /// What happens to the generation when this reader goes before its end (default: cancel).
+    pub fn on_detach(mut self, hook: DetachHook) -> Self {
+        self.detach = Some(hook);
+        self
+    }
+
+    fn event(&self, data: ByteString, seq: usize) -> Event {
+        let data = Data::new(data);
+        match &self.stream_id {
+            None => Event::Data(data),
+            Some(id) => {
+                let mut digits = itoa::Buffer::new();
+                let seq = digits.format(seq);
+                let mut full = String::with_capacity(id.len() + 1 + seq.len());
+                full.push_str(id);
+                full.push('-');
+                full.push_str(seq);
+                Event::Data(data.id(full))
+            }
         }
     }
 }
 
-/// The response: SSE headers plus `X-Accel-Buffering: no` so nginx passes events through at once.
-pub fn sse_response<F: EventFormat>(
-    events: TokenEvents<F>,
-    keep_alive: Duration,
-    req: &actix_web::HttpRequest,
-) -> HttpResponse {
-    let mut response = Sse::from_stream(events).with_keep_alive(keep_alive).respond_to(req);
-    response
-        .headers_mut()
-        .insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
+impl Stream for TokenEvents {
+    type Item = Result<Event, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            let mut replay = lock(&this.replay);
+            if replay.epoch != this.epoch {
+                return Poll::Ready(None); // a newer reader took over
+            }
+            if let Some(data) = replay.events.get(this.cursor).cloned() {
+                drop(replay);
+                this.cursor += 1;
+                return Poll::Ready(Some(Ok(this.event(data, this.cursor))));
+            }
+            if replay.finished.is_some() {
+                return Poll::Ready(None);
+            }
+            if replay.drive(cx).is_ready() {
+                continue;
+            }
+            if this.shutdown.as_mut().poll(cx).is_ready() {
+                replay.fail(&ApiError::ShuttingDown);
+                continue;
+            }
+            return Poll::Pending;
+        }
+    }
+}
+
+impl Drop for TokenEvents {
+    fn drop(&mut self) {
+        self.active.dec();
+        let (finished, tokens, driving) = {
+            let mut replay = lock(&self.replay);
+            replay.report_tokens();
+            (replay.finished, replay.rendered, replay.epoch == self.epoch)
+        };
+        if let Some(log) = &self.log {
+            log.set_stream_outcome(tokens, finished.unwrap_or("client_disconnected"));
+        }
+        if driving && finished.is_none() {
+            match self.detach.take() {
+                Some(hook) => hook(&self.replay, self.epoch),
+                None => lock(&self.replay).cancel(),
+            }
+        }
+    }
+}
+
+/// How often a browser's `EventSource` should retry a dropped stream (the `retry:` hint).
+pub const RETRY: Duration = Duration::from_secs(1);
+
+/// The response: SSE headers, a `retry:` hint first, plus `X-Accel-Buffering: no` so nginx
+/// passes events through at once.
+pub fn sse_response(events: TokenEvents, keep_alive: Duration, req: &actix_web::HttpRequest) -> HttpResponse {
+    let stream_id = events.stream_id.clone();
+    let mut response =
+        Sse::from_stream(events).with_keep_alive(keep_alive).with_retry_duration(RETRY).respond_to(req);
+    let headers = response.headers_mut();
+    headers.insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
+    if let Some(id) = stream_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+        headers.insert(HeaderName::from_static("x-stream-id"), id);
+    }
     response.map_into_boxed_body()
 }

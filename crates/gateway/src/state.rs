@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use actix_web::web;
 use slog::Logger;
@@ -16,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::model_registry::ModelRegistry;
 use crate::settings::Settings;
 use crate::sse::ShutdownSignal;
+use crate::streams::StreamHub;
 
 /// Everything a handler may read.
 pub struct AppState {
@@ -25,6 +27,8 @@ pub struct AppState {
     pub logger: Logger,
     pub shutdown: Shutdown,
     pub stream_slots: Arc<StreamSlots>,
+    /// Resumable streams (this replica's).
+    pub streams: Arc<StreamHub>,
     /// What the HTTP layer's middleware reads, each as its own `Data` (see `create_app`).
     pub origin_policy: web::Data<OriginPolicy>,
     pub client_gate: web::Data<ClientGate>,
@@ -54,6 +58,11 @@ impl AppState {
         };
         let access_log = AccessLog { logger: logger.clone(), requests: metrics.requests.clone() };
         let stream_slots = StreamSlots::new(settings.max_streams_per_client);
+        let streams = StreamHub::new(
+            Duration::from_secs(settings.disconnect_grace_secs),
+            Duration::from_secs(settings.stream_retention_secs),
+            settings.max_retained_streams,
+        );
         Ok(Self {
             settings,
             models,
@@ -61,6 +70,7 @@ impl AppState {
             logger,
             shutdown: Shutdown::new(),
             stream_slots,
+            streams,
             origin_policy: web::Data::new(origin_policy),
             client_gate: web::Data::new(client_gate),
             access_log: web::Data::new(access_log),

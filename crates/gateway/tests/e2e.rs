@@ -90,7 +90,8 @@ async fn the_real_model_answers_through_the_gateway() {
 
 #[actix_rt::test]
 async fn client_disconnect_cancels_the_generation() {
-    let server = start(&[]);
+    // No grace period: a disconnect cancels at once, as before streams were resumable.
+    let server = start(&["--disconnect-grace-secs", "0"]);
     let mut stream = open_stream(
         &server,
         "v1",

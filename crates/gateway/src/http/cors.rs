@@ -21,7 +21,7 @@ use crate::http::paths::error_response_for;
 const ALLOWED_METHODS: &str = "GET, POST, OPTIONS";
 const ALLOWED_HEADERS: &str =
     "authorization, content-type, accept, x-request-id, last-event-id, cache-control";
-const EXPOSED_HEADERS: &str = "x-request-id, retry-after, ratelimit-limit, ratelimit-remaining, ratelimit-reset, x-vercel-ai-ui-message-stream";
+const EXPOSED_HEADERS: &str = "x-request-id, x-stream-id, retry-after, ratelimit-limit, ratelimit-remaining, ratelimit-reset, x-vercel-ai-ui-message-stream";
 const PREFLIGHT_MAX_AGE_SECS: &str = "600";
 
 /// Compile the origin regex anchored at both ends, so `https://x.vercel.app.evil.com` cannot match

@@ -84,6 +84,8 @@ pub const ROUTES: &[RouteSpec] = &[
     route("/api/{version}/inference/stream", "GET, POST", RouteKind::Stream, Scope::Version),
     route("/api/{version}/inference", "POST", RouteKind::Complete, Scope::Version),
     route("/api/{version}/chat", "POST", RouteKind::Stream, Scope::Version),
+    route("/api/{version}/chat/{chat_id}/stream", "GET", RouteKind::Stream, Scope::Version),
+    route("/api/{version}/streams/{id}", "GET", RouteKind::Stream, Scope::Version),
     route("/v1/chat/completions", "POST", RouteKind::Stream, Scope::OpenAi),
     route("/v1/models", "GET", RouteKind::Other, Scope::Global),
 ];

@@ -15,8 +15,11 @@ use streamgate_inference::{FinishReason, SamplingParams, Usage};
 use utoipa::ToSchema;
 
 use crate::error::ApiError;
-use crate::generation::{DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationInput, PromptInput, ValidGeneration};
+use crate::generation::{
+    DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationInput, PromptInput, ResumePoint, ValidGeneration, resume,
+};
 use crate::http::paths::resource;
+use crate::http::rate_limit::client_of;
 use crate::protocols::wire::{self, BodyGenerationErrors};
 use crate::sse::EventFormat;
 use crate::state::AppState;
@@ -44,6 +47,10 @@ pub struct UiMessage {
 #[derive(Debug, Deserialize, ToSchema)]
 #[schema(example = json!({"id": "chat-1", "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "Say hi"}]}]}))]
 pub struct UiChatRequest {
+    /// The chat's id (`useChat` sends it): its reply can be resumed at
+    /// `GET /api/{version}/chat/{id}/stream`. At most 256 characters.
+    #[schema(max_length = 256)]
+    pub id: Option<String>,
     #[schema(min_items = 1)]
     pub messages: Vec<UiMessage>,
     /// Optional generation limit (a `body` field of `useChat`): 1..=`--max-tokens-limit`,
@@ -79,8 +86,43 @@ pub struct UiStreamPart {
     pub error_text: Option<String>,
 }
 
+/// The longest chat id kept for resumes.
+const MAX_CHAT_ID_CHARS: usize = 256;
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/api/{version}/chat").route(web::post().to(chat)));
+    cfg.service(resource("/api/{version}/chat").route(web::post().to(chat)))
+        .service(resource("/api/{version}/chat/{chat_id}/stream").route(web::get().to(resume_chat)));
+}
+
+/// `useChat({ resume: true })`: the reply of this chat still being generated, from its start
+/// (the client drops the partial message it had). 204 when the chat has no reply in progress.
+#[utoipa::path(get, path = "/api/{version}/chat/{chat_id}/stream", tag = "ai-sdk",
+    params(("version" = String, Path, description = "Model version, e.g. v1"),
+        ("chat_id" = String, Path, description = "The `id` the chat's POST carried")),
+    responses(
+        (status = 200, description = "The reply's UI message stream parts from its start, then `data: [DONE]`", content_type = "text/event-stream", body = UiStreamPart),
+        (status = 204, description = "No reply of this chat is in progress"),
+        (status = 404, description = "Unknown model version", body = crate::error::ErrorBody),
+        (status = 429, description = "Rate limited or too many open streams", body = crate::error::ErrorBody)))]
+pub async fn resume_chat(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let (version, chat_id) = path.into_inner();
+    state.models.get(&version).ok_or_else(|| ApiError::UnknownVersion(version.clone()))?;
+    let found = state.streams.find_chat(client_of(&req), &version, &chat_id);
+    let Some((id, replay)) = found else { return Ok(HttpResponse::NoContent().finish()) };
+    match resume(&state, &version, id, Some(replay), ResumePoint::Live, &req)? {
+        Some(mut response) => {
+            response.headers_mut().insert(
+                HeaderName::from_static("x-vercel-ai-ui-message-stream"),
+                HeaderValue::from_static("v1"),
+            );
+            Ok(response)
+        }
+        None => Ok(HttpResponse::NoContent().finish()),
+    }
 }
 
 /// Stream a chat reply in the AI SDK UI message stream protocol.
@@ -98,6 +140,9 @@ pub async fn chat(
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let body = body.into_inner();
+    if body.id.as_ref().is_some_and(|id| id.chars().count() > MAX_CHAT_ID_CHARS) {
+        return Err(ApiError::InvalidRequest(format!("id is at most {MAX_CHAT_ID_CHARS} characters")));
+    }
     let turns = body
         .messages
         .into_iter()
@@ -116,7 +161,7 @@ pub async fn chat(
         },
         stop: Vec::new(),
     };
-    let generation = ValidGeneration::new(&state, &version, input, &req)?;
+    let generation = ValidGeneration::new(&state, &version, input, &req)?.for_chat(body.id);
     let message_id = format!("msg-{:024x}", rand::rng().random::<u128>() >> 32);
     let format = UiMessageFormat { message_id, text_id: "text-0".into(), text_open: false };
     let mut response = generation.stream(&state, format, &req, started).await?;

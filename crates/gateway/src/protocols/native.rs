@@ -16,11 +16,14 @@ use streamgate_inference::{FinishReason, SamplingParams, Usage};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ErrorBody};
-use crate::generation::{DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationInput, PromptInput, ValidGeneration};
+use crate::generation::{
+    DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationInput, PromptInput, ResumePoint, ValidGeneration, resume,
+};
 use crate::http::paths::resource;
 use crate::protocols::wire::{self, BodyGenerationErrors, Query, QueryGenerationErrors, Stop};
 use crate::sse::EventFormat;
 use crate::state::AppState;
+use crate::streams::StreamId;
 
 /// A generation request (`POST` body). Bounds that depend on settings (`prompt` length,
 /// `max_tokens` ceiling) are filled into the served OpenAPI document from them.
@@ -67,10 +70,10 @@ pub struct InferenceRequest {
 pub struct InferenceQuery {
     /// The prompt text: the POST body's limits, and at most 4096 characters (so that it fits in
     /// a URL percent-encoded).
-    #[param(min_length = 1, max_length = 4096)]
+    #[param(min_length = 1, max_length = 4096, example = "Write a haiku about rivers.")]
     #[serde(deserialize_with = "wire::query_prompt")]
     pub prompt: String,
-    #[param(minimum = 1)]
+    #[param(minimum = 1, example = 64)]
     pub max_tokens: Option<u32>,
     #[param(minimum = 0.0, maximum = 2.0)]
     pub temperature: Option<f64>,
@@ -200,9 +203,12 @@ pub async fn stream_post(
     stream(&state, &version, body.into_inner(), &req).await
 }
 
-/// The same stream for `EventSource` (GET with a query string).
+/// The same stream for `EventSource` (GET with a query string). A request with `Last-Event-ID`
+/// (what `EventSource` sends when it reconnects) continues that stream after that event instead
+/// of starting a new generation.
 #[utoipa::path(get, path = "/api/{version}/inference/stream", tag = "inference",
-    params(("version" = String, Path, description = "Model version, e.g. v1"), InferenceQuery),
+    params(("version" = String, Path, description = "Model version, e.g. v1"), InferenceQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "The id of the last event received (`STREAM-SEQ`): continue that stream")),
     responses(
         (status = 200, description = "The same event stream as the POST form", content_type = "text/event-stream", body = NativeEvent),
         QueryGenerationErrors))]
@@ -212,6 +218,12 @@ pub async fn stream_get(
     query: Query<InferenceQuery>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
+    if let Some(last) = req.headers().get("last-event-id") {
+        let (id, seq) =
+            last.to_str().ok().and_then(StreamId::parse_event_id).ok_or(ApiError::UnknownStream)?;
+        return resume(&state, &version, id, None, ResumePoint::After(seq), &req)?
+            .ok_or(ApiError::UnknownStream);
+    }
     stream(&state, &version, query.0.into(), &req).await
 }
 

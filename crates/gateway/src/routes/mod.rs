@@ -1,6 +1,7 @@
 //! The operational routes, one module each: the chat page (`/`), the API description
 //! (`/api/openapi.json`, `/api/docs`), `/metrics`, the models (`/api/models`,
-//! `/api/{version}/models`) and health (`/api/{version}/health/{live,ready}`). The generation
+//! `/api/{version}/models`), health (`/api/{version}/health/{live,ready}`) and resuming a stream
+//! (`/api/{version}/streams/{id}`). The generation
 //! routes belong to their wire formats, in [`crate::protocols`].
 
 pub mod health;
@@ -8,6 +9,7 @@ pub mod metrics;
 pub mod models;
 pub mod openapi;
 pub mod page;
+pub mod streams;
 
 use actix_web::web;
 
@@ -17,4 +19,5 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     metrics::configure(cfg);
     health::configure(cfg);
     models::configure(cfg);
+    streams::configure(cfg);
 }

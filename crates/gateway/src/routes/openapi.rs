@@ -11,7 +11,7 @@ use utoipa::OpenApi;
 use crate::error::{ErrorBody, ErrorCode, ErrorDetail};
 use crate::http::paths::resource;
 use crate::protocols::{ai_sdk, native, openai, wire};
-use crate::routes::{health, models};
+use crate::routes::{health, models, streams};
 use crate::settings::Settings;
 use crate::state::AppState;
 
@@ -22,7 +22,7 @@ use crate::state::AppState;
     paths(
         native::stream_post, native::stream_get, native::complete,
         models::list, models::describe, health::live, health::ready,
-        ai_sdk::chat, openai::chat_completions, openai::list_models,
+        ai_sdk::chat, ai_sdk::resume_chat, openai::chat_completions, openai::list_models, streams::resume_stream,
     ),
     components(schemas(
         ErrorBody, ErrorDetail, ErrorCode, native::InferenceRequest, native::InferenceResponse,
@@ -59,6 +59,7 @@ pub fn document(settings: &Settings, versions: &[&str]) -> Value {
         ("max_tokens", "maximum", json!(settings.max_tokens_limit)),
         ("max_completion_tokens", "maximum", json!(settings.max_tokens_limit)),
         ("seed", "maximum", json!(u64::MAX)),
+        ("after", "maximum", json!(u64::MAX)),
     ];
     if let Some(schemas) = doc.pointer_mut("/components/schemas").and_then(Value::as_object_mut) {
         for schema in schemas.values_mut() {

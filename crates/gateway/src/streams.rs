@@ -1,0 +1,206 @@
+//! Resumable streams on one replica: every streamed generation is registered under an
+//! unguessable id (128 random bits) bound to the client that started it, so a client that lost
+//! its connection can read on from the event after the last one it saw (`Last-Event-ID`,
+//! `?after=N`, or the AI SDK's chat id).
+//!
+//! A generation whose client left keeps running for `--disconnect-grace-secs` (0: cancelled at
+//! once, as before streams were resumable); a resume in time takes it over, otherwise it is
+//! cancelled. Finished streams stay readable for `--stream-retention-secs`; at most
+//! `--max-retained-streams` finished ones are kept, the oldest going first.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::http::client_identity::ClientKey;
+use crate::sse::{DetachHook, SharedReplay, lock};
+
+/// A stream's id: 128 random bits, written as 32 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamId(u128);
+
+impl StreamId {
+    pub fn random() -> Self {
+        Self(rand::rng().random())
+    }
+
+    /// 32 lowercase hex digits, nothing else.
+    pub fn parse(s: &str) -> Option<Self> {
+        (s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            .then(|| u128::from_str_radix(s, 16).ok().map(Self))
+            .flatten()
+    }
+
+    /// `STREAM-SEQ` (an SSE event id) → the stream and the sequence number of that event.
+    pub fn parse_event_id(s: &str) -> Option<(Self, usize)> {
+        let (id, seq) = s.trim().rsplit_once('-')?;
+        Some((Self::parse(id)?, seq.parse().ok()?))
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+struct Entry {
+    owner: Option<ClientKey>,
+    version: String,
+    replay: SharedReplay,
+}
+
+#[derive(Default)]
+struct Streams {
+    by_id: HashMap<StreamId, Entry>,
+    /// The latest stream of an AI SDK chat: (owner, version, chat id) → stream.
+    chats: HashMap<(Option<ClientKey>, String, String), StreamId>,
+}
+
+/// Every resumable stream of this replica.
+pub struct StreamHub {
+    streams: Mutex<Streams>,
+    grace: Duration,
+    retention: Duration,
+    max_finished: usize,
+}
+
+impl StreamHub {
+    pub fn new(grace: Duration, retention: Duration, max_finished: usize) -> Arc<Self> {
+        Arc::new(Self { streams: Mutex::default(), grace, retention, max_finished })
+    }
+
+    fn streams(&self) -> MutexGuard<'_, Streams> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Register a new stream of `owner` on `version` (and its AI SDK chat, if any).
+    pub fn register(
+        &self,
+        owner: Option<ClientKey>,
+        version: &str,
+        chat_id: Option<&str>,
+        replay: SharedReplay,
+    ) -> StreamId {
+        let id = StreamId::random();
+        let mut streams = self.streams();
+        streams.by_id.insert(id, Entry { owner, version: version.to_owned(), replay });
+        if let Some(chat) = chat_id {
+            streams.chats.insert((owner, version.to_owned(), chat.to_owned()), id);
+        }
+        id
+    }
+
+    /// The stream `id` of `owner` on `version`; `None` for an unknown id and for anyone else's
+    /// stream alike.
+    pub fn find(&self, id: StreamId, owner: Option<ClientKey>, version: &str) -> Option<SharedReplay> {
+        let streams = self.streams();
+        let entry = streams.by_id.get(&id)?;
+        (entry.owner == owner && entry.version == version).then(|| Arc::clone(&entry.replay))
+    }
+
+    /// The latest stream of an AI SDK chat, if it is still kept.
+    pub fn find_chat(
+        &self,
+        owner: Option<ClientKey>,
+        version: &str,
+        chat_id: &str,
+    ) -> Option<(StreamId, SharedReplay)> {
+        let streams = self.streams();
+        let id = *streams.chats.get(&(owner, version.to_owned(), chat_id.to_owned()))?;
+        streams.by_id.get(&id).map(|e| (id, Arc::clone(&e.replay)))
+    }
+
+    /// What happens when the reader driving stream `id` leaves before its end: cancel at once
+    /// with no grace period, else cancel after it unless a resume took over meanwhile.
+    pub fn detach_hook(self: &Arc<Self>, id: StreamId) -> DetachHook {
+        let hub = Arc::clone(self);
+        Box::new(move |replay: &SharedReplay, epoch: u64| {
+            let in_runtime = tokio::runtime::Handle::try_current().is_ok();
+            if hub.grace.is_zero() || !in_runtime {
+                lock(replay).cancel();
+                hub.forget(id);
+                return;
+            }
+            let replay = Arc::clone(replay);
+            let grace = hub.grace;
+            actix_web::rt::spawn(async move {
+                actix_web::rt::time::sleep(grace).await;
+                let abandoned = {
+                    let mut r = lock(&replay);
+                    let abandoned = r.epoch() == epoch && r.finished().is_none();
+                    if abandoned {
+                        r.cancel();
+                    }
+                    abandoned
+                };
+                if abandoned {
+                    hub.forget(id);
+                }
+            });
+        })
+    }
+
+    fn forget(&self, id: StreamId) {
+        let mut streams = self.streams();
+        streams.by_id.remove(&id);
+        streams.chats.retain(|_, s| *s != id);
+    }
+
+    /// Drop finished streams past the retention window, then the oldest finished ones beyond
+    /// the cap. Returns how many streams are kept.
+    pub fn evict(&self) -> usize {
+        let now = Instant::now();
+        let mut streams = self.streams();
+        let mut finished: Vec<(Instant, StreamId)> = Vec::new();
+        streams.by_id.retain(|id, entry| match lock(&entry.replay).finished_at() {
+            Some(at) if now.duration_since(at) >= self.retention => false,
+            Some(at) => {
+                finished.push((at, *id));
+                true
+            }
+            None => true,
+        });
+        if finished.len() > self.max_finished {
+            finished.sort_unstable();
+            for (_, id) in &finished[..finished.len() - self.max_finished] {
+                streams.by_id.remove(id);
+            }
+        }
+        let Streams { by_id, chats } = &mut *streams;
+        chats.retain(|_, id| by_id.contains_key(id));
+        by_id.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.streams().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_32_hex_digits_and_event_ids_carry_a_sequence() {
+        let id = StreamId::random();
+        let text = id.to_string();
+        assert_eq!(text.len(), 32);
+        assert_eq!(StreamId::parse(&text), Some(id));
+        assert_eq!(StreamId::parse_event_id(&format!("{text}-7")), Some((id, 7)));
+        let upper = "0123456789ABCDEF0123456789abcdef";
+        for bad in ["", "xyz", &text[1..], &format!("{text}0"), upper, "+0000000000000000000000000000001"] {
+            assert_eq!(StreamId::parse(bad), None, "{bad}");
+        }
+        assert_eq!(StreamId::parse_event_id(&text), None);
+        assert_eq!(StreamId::parse_event_id(&format!("{text}--1")), None);
+        assert_ne!(StreamId::random(), StreamId::random());
+    }
+}
