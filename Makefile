@@ -95,7 +95,7 @@ $(VENV)/.bench-installed: benches/baselines/fastapi/requirements.txt | $(VENV)/.
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r benches/baselines/fastapi/requirements.txt
 	touch $@
 
-bench-gateway: setup $(VENV)/.bench-installed ## load tests: streamgate vs the FastAPI pattern (mock engine), SmolLM2, batching
+bench-gateway: setup $(VENV)/.bench-installed ## load tests: streamgate vs the FastAPI pattern (mock engine), SmolLM2, batching, resume on vs off
 	cargo build --release --quiet -p streamgate-gateway --bin streamgate -p streamgate-benches --bin streamgate-bench --bin actix-bare-sse --bin batching-bench
 	benches/run.sh all
 

@@ -107,4 +107,18 @@ if [[ $scenario == all || $scenario == batching ]]; then
     --text tests/data/quality_text.txt --svg "$out/batching.svg" > "$out/batching.json"
   stop "$pid"
 fi
+if [[ $scenario == all || $scenario == resume ]]; then
+  echo "== 6. resumable streams, on (the default) vs off: the scenario-1 load (CPU per event) and 10,000 open streams (memory)"
+  off=(--disconnect-grace-secs 0 --stream-retention-secs 0)
+  for mode in on off; do
+    extra=(); [[ $mode == off ]] && extra=("${off[@]}")
+    start_streamgate 18260 --engine mock --mock-tokens 64 --mock-interval-ms 0 "${extra[@]}"
+    load "resume-$mode-cpu" http://127.0.0.1:18260 "$server_pid" --max-tokens 64 --threads 2 --concurrency 64 --duration-secs 10
+    stop "$server_pid"
+    start_streamgate 18261 --engine mock --mock-tokens 40 --mock-interval-ms 50 "${extra[@]}"
+    load "resume-$mode-memory" http://127.0.0.1:18261 "$server_pid" --max-tokens 40 --threads 2 \
+      --concurrency 10000 --requests 10000 --ramp-up-secs 2 --duration-secs 10
+    stop "$server_pid"
+  done
+fi
 "$py/python" benches/python/summary.py "$out"

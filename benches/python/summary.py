@@ -43,6 +43,14 @@ for scenario in ("gateway", "concurrency", "concurrency-2cores", "overhead"):
                      f"{sg['server_cpu_us_per_event'] / bare['server_cpu_us_per_event']:.2f}x")
     if parts:
         print(f"- {scenario}: " + "; ".join(parts))
+on, off = runs.get("resume-on-cpu"), runs.get("resume-off-cpu")
+if on and off and on.get("server_cpu_us_per_event") and off.get("server_cpu_us_per_event"):
+    print(f"- resume: server CPU per event on/off = {on['server_cpu_us_per_event'] / off['server_cpu_us_per_event']:.2f}x "
+          f"({on['server_cpu_us_per_event']:.2f} / {off['server_cpu_us_per_event']:.2f} µs)")
+on, off = runs.get("resume-on-memory"), runs.get("resume-off-memory")
+if on and off and on.get("server_kib_per_open_stream") and off.get("server_kib_per_open_stream"):
+    print(f"- resume: server memory per open stream on/off = {on['server_kib_per_open_stream']:.1f} / "
+          f"{off['server_kib_per_open_stream']:.1f} KiB")
 
 batching = out / "batching.json"
 if batching.exists():

@@ -117,19 +117,18 @@ impl ValidGeneration {
         let tokens = self.model.generate(self.request).await.inspect_err(|e| count_rejection(state, e))?;
         let metrics = StreamMetrics::new(&state.metrics, &self.version);
         let active = metrics.active_gauge();
-        let replay = Replay::new(tokens, format, metrics, RequestLog::of(req), started);
-        let owner = client_of(req);
-        let id = state.streams.register(owner, &self.version, self.chat_id.as_deref(), Arc::clone(&replay));
-        let events = TokenEvents::attach(
-            replay,
-            Some(id.to_string().into()),
-            0,
-            state.shutdown.signal(),
-            active,
-            RequestLog::of(req),
-        )
-        .holding(permit)
-        .on_detach(state.streams.detach_hook(id));
+        let hub = &state.streams;
+        let replay = Replay::new(tokens, format, metrics, RequestLog::of(req), started, hub.enabled());
+        let shutdown = state.shutdown.signal();
+        let events = if hub.enabled() {
+            let id =
+                hub.register(client_of(req), &self.version, self.chat_id.as_deref(), Arc::clone(&replay));
+            TokenEvents::attach(replay, Some(id.to_string().into()), 0, shutdown, active, RequestLog::of(req))
+                .on_detach(hub.detach_hook(id))
+        } else {
+            TokenEvents::attach(replay, None, 0, shutdown, active, RequestLog::of(req))
+        }
+        .holding(permit);
         Ok(sse_response(events, Duration::from_secs(state.settings.sse_keep_alive_secs), req))
     }
 

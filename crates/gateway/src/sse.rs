@@ -13,6 +13,7 @@
 //! the end, its detach hook decides: cancel now (the default without a resume window) or after a
 //! grace period (`crate::streams`). Keep-alive comments flow while no token is ready.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -93,8 +94,12 @@ pub struct Replay {
     /// `None` once the generation ended or was cancelled.
     tokens: Option<TokenStream>,
     format: Box<dyn EventFormat>,
-    /// Every `data:` payload so far; event `n` (its id's SEQ) is `events[n - 1]`.
-    events: Vec<ByteString>,
+    /// The `data:` payloads kept: event `n` (its id's SEQ, from 1) is `events[n - 1 - sent_off]`.
+    events: VecDeque<ByteString>,
+    /// Events already handed out and not kept (a replay nobody can resume keeps nothing).
+    sent_off: usize,
+    /// Keep every event for later readers (resumable), or hand each out once.
+    keep: bool,
     /// Why it ended, once `[DONE]` is the last event (or it was cancelled).
     finished: Option<&'static str>,
     finished_at: Option<Instant>,
@@ -117,18 +122,23 @@ pub fn lock(replay: &SharedReplay) -> MutexGuard<'_, Replay> {
 
 impl Replay {
     /// `started` is when the request arrived (time to first token is measured from it).
+    /// `keep`: keep every event for later readers (a resumable stream); otherwise each event is
+    /// handed to the one reader and dropped (no copy, nothing retained).
     pub fn new(
         tokens: TokenStream,
         mut format: impl EventFormat,
         metrics: StreamMetrics,
         log: Option<Arc<RequestLog>>,
         started: Instant,
+        keep: bool,
     ) -> SharedReplay {
         let events = format.start().into_iter().map(ByteString::from).collect();
         Arc::new(Mutex::new(Self {
             tokens: Some(tokens),
             format: Box::new(format),
             events,
+            sent_off: 0,
+            keep,
             finished: None,
             finished_at: None,
             timing: Timing { metrics, started, last_token: None, waited: true, unreported: 0 },
@@ -140,11 +150,25 @@ impl Replay {
 
     /// Events so far.
     pub fn len(&self) -> usize {
-        self.events.len()
+        self.sent_off + self.events.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.len() == 0
+    }
+
+    /// Event `n` (0-based) for a reader: a shared handle when events are kept, else the event
+    /// itself (handed out once, in order).
+    fn take(&mut self, n: usize) -> Option<ByteString> {
+        if self.keep {
+            return self.events.get(n.checked_sub(self.sent_off)?).cloned();
+        }
+        if n != self.sent_off {
+            return None;
+        }
+        let event = self.events.pop_front()?;
+        self.sent_off += 1;
+        Some(event)
     }
 
     /// Why it ended, if it has.
@@ -179,7 +203,7 @@ impl Replay {
 
     fn end_with(&mut self, events: Vec<String>, reason: &'static str) {
         self.events.extend(events.into_iter().map(ByteString::from));
-        self.events.push(ByteString::from_static(DONE));
+        self.events.push_back(ByteString::from_static(DONE));
         self.tokens = None;
         self.finish(reason);
     }
@@ -216,7 +240,7 @@ impl Replay {
         self.rendered += 1;
         timing.unreported += 1;
         if let Some(data) = self.format.token(index, text) {
-            self.events.push(ByteString::from(data));
+            self.events.push_back(ByteString::from(data));
         }
     }
 
@@ -231,13 +255,13 @@ impl Replay {
     /// Advance the generation by what is ready: `Ready` when events were appended or it ended,
     /// `Pending` (with `cx` woken later) when nothing is ready.
     fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let before = self.events.len();
+        let before = self.len();
         loop {
             let Some(tokens) = self.tokens.as_mut() else { return Poll::Ready(()) };
             match tokens.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(GenerationEvent::Token { index, text, .. }))) => {
                     self.on_token(index, &text);
-                    if self.events.len() > before {
+                    if self.len() > before {
                         return Poll::Ready(());
                     }
                 }
@@ -295,7 +319,7 @@ impl TokenEvents {
         started: Instant,
     ) -> Self {
         let active = metrics.active.clone();
-        let replay = Replay::new(tokens, format, metrics, log.clone(), started);
+        let replay = Replay::new(tokens, format, metrics, log.clone(), started, false);
         Self::attach(replay, None, 0, shutdown, active, log)
     }
 
@@ -356,7 +380,7 @@ impl Stream for TokenEvents {
             if replay.epoch != this.epoch {
                 return Poll::Ready(None); // a newer reader took over
             }
-            if let Some(data) = replay.events.get(this.cursor).cloned() {
+            if let Some(data) = replay.take(this.cursor) {
                 drop(replay);
                 this.cursor += 1;
                 return Poll::Ready(Some(Ok(this.event(data, this.cursor))));

@@ -8,7 +8,7 @@
 //! cancelled. Finished streams stay readable for `--stream-retention-secs`; at most
 //! `--max-retained-streams` finished ones are kept, the oldest going first.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -56,6 +56,9 @@ struct Entry {
 #[derive(Default)]
 struct Streams {
     by_id: HashMap<StreamId, Entry>,
+    /// Ids in the order they were registered (streams mostly finish in that order too), so the
+    /// cap is kept on every registration without a scan.
+    order: VecDeque<StreamId>,
     /// The latest stream of an AI SDK chat: (owner, version, chat id) → stream.
     chats: HashMap<(Option<ClientKey>, String, String), StreamId>,
 }
@@ -73,6 +76,12 @@ impl StreamHub {
         Arc::new(Self { streams: Mutex::default(), grace, retention, max_finished })
     }
 
+    /// Resume is off when there is neither a grace period nor a retention window: nothing is
+    /// registered or kept, and events carry no ids.
+    pub fn enabled(&self) -> bool {
+        !(self.grace.is_zero() && self.retention.is_zero())
+    }
+
     fn streams(&self) -> MutexGuard<'_, Streams> {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -87,7 +96,24 @@ impl StreamHub {
     ) -> StreamId {
         let id = StreamId::random();
         let mut streams = self.streams();
+        // Past the cap, drop the oldest finished streams (a few looks per registration: running
+        // streams met on the way go to the back of the line).
+        for _ in 0..4 {
+            if streams.by_id.len() < self.max_finished {
+                break;
+            }
+            let Some(oldest) = streams.order.pop_front() else { break };
+            let finished = streams.by_id.get(&oldest).map(|e| lock(&e.replay).finished().is_some());
+            match finished {
+                Some(true) => {
+                    streams.by_id.remove(&oldest);
+                }
+                Some(false) => streams.order.push_back(oldest),
+                None => {}
+            }
+        }
         streams.by_id.insert(id, Entry { owner, version: version.to_owned(), replay });
+        streams.order.push_back(id);
         if let Some(chat) = chat_id {
             streams.chats.insert((owner, version.to_owned(), chat.to_owned()), id);
         }
@@ -170,8 +196,9 @@ impl StreamHub {
                 streams.by_id.remove(id);
             }
         }
-        let Streams { by_id, chats } = &mut *streams;
+        let Streams { by_id, chats, order } = &mut *streams;
         chats.retain(|_, id| by_id.contains_key(id));
+        order.retain(|id| by_id.contains_key(id));
         by_id.len()
     }
 
@@ -187,6 +214,48 @@ impl StreamHub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ApiError;
+    use crate::metrics::Metrics;
+    use crate::sse::{EventFormat, Replay, StreamMetrics};
+    use streamgate_inference::{FinishReason, Usage};
+
+    struct Plain;
+
+    impl EventFormat for Plain {
+        fn token(&mut self, _: usize, text: &str) -> Option<String> {
+            Some(text.to_owned())
+        }
+        fn finish(&mut self, _: FinishReason, _: Usage) -> Vec<String> {
+            Vec::new()
+        }
+        fn error(&mut self, e: &ApiError) -> Vec<String> {
+            vec![e.to_string()]
+        }
+    }
+
+    fn replay(metrics: &Metrics) -> SharedReplay {
+        let tokens = Box::pin(futures_util::stream::pending());
+        Replay::new(tokens, Plain, StreamMetrics::new(metrics, "v1"), None, Instant::now(), true)
+    }
+
+    #[test]
+    fn the_finished_stream_cap_holds_on_every_registration() {
+        let metrics = Metrics::new().unwrap_or_else(|e| unreachable!("{e}"));
+        let hub = StreamHub::new(Duration::from_secs(5), Duration::from_secs(300), 3);
+        let running = replay(&metrics);
+        let first = hub.register(None, "v1", None, Arc::clone(&running));
+        for _ in 0..50 {
+            let r = replay(&metrics);
+            hub.register(None, "v1", Some("chat"), Arc::clone(&r));
+            lock(&r).cancel();
+            assert!(hub.len() <= 4, "{} streams kept", hub.len());
+        }
+        assert!(hub.find(first, None, "v1").is_some(), "a running stream is never dropped for the cap");
+        assert!(hub.find(first, Some(ClientKey::V4(1)), "v1").is_none(), "only its owner finds it");
+        assert!(hub.find(first, None, "v2").is_none(), "only on its version");
+        hub.evict();
+        assert!(hub.find_chat(None, "v1", "chat").is_some_and(|(id, _)| id != first));
+    }
 
     #[test]
     fn ids_are_32_hex_digits_and_event_ids_carry_a_sequence() {

@@ -237,3 +237,18 @@ async fn a_use_chat_reply_in_progress_resumes_by_chat_id() {
         test::call_service(&app, TestRequest::get().uri("/api/v1/chat/chat-7/stream").to_request()).await;
     assert_eq!(none.status(), 204, "no reply in progress");
 }
+
+#[actix_web::test]
+async fn with_neither_grace_nor_retention_resume_is_off() {
+    let state = mock_state(&["--disconnect-grace-secs", "0", "--stream-retention-secs", "0"], 20, 0);
+    let app = test::init_service(create_app(state.clone())).await;
+    let res =
+        test::call_service(&app, post_json("/api/v1/inference/stream", &json!({"prompt": "a"})).to_request())
+            .await;
+    assert!(res.headers().get("x-stream-id").is_none());
+    let body = String::from_utf8_lossy(&test::read_body(res).await).into_owned();
+    let all = events(&body);
+    assert_eq!(all.last().map(|(_, d)| d.as_str()), Some("[DONE]"));
+    assert!(all.iter().all(|(id, _)| id.is_none()), "no ids: nothing to resume");
+    assert!(state.streams.is_empty(), "nothing registered or kept");
+}
