@@ -145,18 +145,18 @@ impl StreamHub {
     pub fn detach_hook(self: &Arc<Self>, id: StreamId) -> DetachHook {
         let hub = Arc::clone(self);
         Box::new(move |replay: &SharedReplay, epoch: u64| {
-            let in_runtime = tokio::runtime::Handle::try_current().is_ok();
-            if hub.grace.is_zero() || !in_runtime {
+            let cancel_now = |hub: &StreamHub| {
                 lock(replay).cancel();
                 hub.forget(id);
-                return;
+            };
+            if hub.grace.is_zero() {
+                return cancel_now(&hub);
             }
-            let replay = Arc::clone(replay);
-            let grace = hub.grace;
-            actix_web::rt::spawn(async move {
+            let (timer_hub, timer_replay, grace) = (Arc::clone(&hub), Arc::clone(replay), hub.grace);
+            let timer = async move {
                 actix_web::rt::time::sleep(grace).await;
                 let abandoned = {
-                    let mut r = lock(&replay);
+                    let mut r = lock(&timer_replay);
                     let abandoned = r.epoch() == epoch && r.finished().is_none();
                     if abandoned {
                         r.cancel();
@@ -164,9 +164,16 @@ impl StreamHub {
                     abandoned
                 };
                 if abandoned {
-                    hub.forget(id);
+                    timer_hub.forget(id);
                 }
-            });
+            };
+            // The timer runs on the actix system's arbiter; without one (or once it stopped)
+            // there is nothing to wait on: cancel now.
+            let spawned =
+                actix_web::rt::System::try_current().is_some_and(|system| system.arbiter().spawn(timer));
+            if !spawned {
+                cancel_now(&hub);
+            }
         })
     }
 
@@ -236,6 +243,18 @@ mod tests {
     fn replay(metrics: &Metrics) -> SharedReplay {
         let tokens = Box::pin(futures_util::stream::pending());
         Replay::new(tokens, Plain, StreamMetrics::new(metrics, "v1"), None, Instant::now(), true)
+    }
+
+    #[test]
+    fn without_an_actix_system_a_detach_cancels_at_once_instead_of_panicking() {
+        let metrics = Metrics::new().unwrap_or_else(|e| unreachable!("{e}"));
+        let hub = StreamHub::new(Duration::from_secs(5), Duration::from_secs(300), 8);
+        let r = replay(&metrics);
+        let id = hub.register(None, "v1", None, Arc::clone(&r));
+        let epoch = lock(&r).epoch();
+        (hub.detach_hook(id))(&r, epoch);
+        assert_eq!(lock(&r).finished(), Some("client_disconnected"));
+        assert!(hub.is_empty());
     }
 
     #[test]
