@@ -48,6 +48,17 @@ pub trait EventFormat: Send + Unpin + 'static {
     fn finish(&mut self, reason: FinishReason, usage: Usage) -> Vec<String>;
     /// Events reporting a failure after the stream started.
     fn error(&mut self, error: &ApiError) -> Vec<String>;
+    /// Start the stream with a `retry:` hint (for `EventSource` clients). A hint is an event of
+    /// its own with no data, which some clients (OpenAI's Python SDK) cannot parse: off by default.
+    fn retry_hint(&self) -> bool {
+        false
+    }
+    /// Give every event an `id:` (resumable clients read it). OpenAI's Python SDK turns the blank
+    /// line after a keep-alive comment into an empty event once it has seen an id, and fails on
+    /// it, so the OpenAI format sends none (its streams resume by `X-Stream-Id` and `?after=N`).
+    fn event_ids(&self) -> bool {
+        true
+    }
 }
 
 /// Per-stream metric handles, resolved once (no label lookups per token).
@@ -110,6 +121,10 @@ pub struct Replay {
     rendered: u64,
     /// Bumped by every reader that attaches; only the reader holding the newest drives.
     epoch: u64,
+    /// The format wants a `retry:` hint first.
+    retry_hint: bool,
+    /// The format's events carry ids.
+    event_ids: bool,
 }
 
 /// A replay behind the lock its readers share.
@@ -133,6 +148,7 @@ impl Replay {
         keep: bool,
     ) -> SharedReplay {
         let events = format.start().into_iter().map(ByteString::from).collect();
+        let (retry_hint, event_ids) = (format.retry_hint(), format.event_ids());
         Arc::new(Mutex::new(Self {
             tokens: Some(tokens),
             format: Box::new(format),
@@ -145,6 +161,8 @@ impl Replay {
             log,
             rendered: 0,
             epoch: 0,
+            retry_hint,
+            event_ids,
         }))
     }
 
@@ -295,8 +313,10 @@ pub type DetachHook = Box<dyn FnOnce(&SharedReplay, u64) + Send>;
 /// One client's reading of a replay: the SSE event stream of a response.
 pub struct TokenEvents {
     replay: SharedReplay,
-    /// Event ids are `STREAM-SEQ`; `None` sends no ids (a replay nobody can resume).
+    /// The stream's id (`X-Stream-Id`); `None`: a replay nobody can resume.
     stream_id: Option<Arc<str>>,
+    /// Events carry the id `STREAM-SEQ` (when the stream has an id and its format wants ids).
+    ids: bool,
     /// The next event to send (0-based).
     cursor: usize,
     epoch: u64,
@@ -332,13 +352,13 @@ impl TokenEvents {
         active: IntGauge,
         log: Option<Arc<RequestLog>>,
     ) -> Self {
-        let epoch = {
+        let (epoch, ids) = {
             let mut r = lock(&replay);
             r.epoch += 1;
-            r.epoch
+            (r.epoch, r.event_ids)
         };
         active.inc();
-        Self { replay, stream_id, cursor, epoch, shutdown, active, log, detach: None, _held: None }
+        Self { replay, stream_id, ids, cursor, epoch, shutdown, active, log, detach: None, _held: None }
     }
 
     /// Keep `guard` (e.g. the client's stream slot) alive for the life of this stream.
@@ -355,7 +375,7 @@ impl TokenEvents {
 
     fn event(&self, data: ByteString, seq: usize) -> Event {
         let data = Data::new(data);
-        match &self.stream_id {
+        match self.stream_id.as_ref().filter(|_| self.ids) {
             None => Event::Data(data),
             Some(id) => {
                 let mut digits = itoa::Buffer::new();
@@ -423,12 +443,16 @@ impl Drop for TokenEvents {
 /// How often a browser's `EventSource` should retry a dropped stream (the `retry:` hint).
 pub const RETRY: Duration = Duration::from_secs(1);
 
-/// The response: SSE headers, a `retry:` hint first, plus `X-Accel-Buffering: no` so nginx
-/// passes events through at once.
+/// The response: SSE headers, a `retry:` hint first where the format wants one, plus
+/// `X-Accel-Buffering: no` so nginx passes events through at once.
 pub fn sse_response(events: TokenEvents, keep_alive: Duration, req: &actix_web::HttpRequest) -> HttpResponse {
     let stream_id = events.stream_id.clone();
-    let mut response =
-        Sse::from_stream(events).with_keep_alive(keep_alive).with_retry_duration(RETRY).respond_to(req);
+    let retry_hint = lock(&events.replay).retry_hint;
+    let mut sse = Sse::from_stream(events).with_keep_alive(keep_alive);
+    if retry_hint {
+        sse = sse.with_retry_duration(RETRY);
+    }
+    let mut response = sse.respond_to(req);
     let headers = response.headers_mut();
     headers.insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
     if let Some(id) = stream_id.and_then(|id| HeaderValue::from_str(&id).ok()) {

@@ -294,6 +294,11 @@ impl EventFormat for NativeFormat {
     fn error(&mut self, error: &ApiError) -> Vec<String> {
         vec![error.to_sse_data()]
     }
+
+    /// Browsers' `EventSource` reads this stream: tell it how soon to reconnect (and resume).
+    fn retry_hint(&self) -> bool {
+        true
+    }
 }
 
 /// `{"index":N,"text":"…"}`, the hottest string the gateway builds (one per token). Text that

@@ -315,4 +315,8 @@ impl EventFormat for ChunkFormat {
     fn error(&mut self, error: &ApiError) -> Vec<String> {
         vec![error.to_json(ErrorStyle::OpenAi)]
     }
+
+    fn event_ids(&self) -> bool {
+        false
+    }
 }
