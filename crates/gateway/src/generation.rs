@@ -116,20 +116,12 @@ impl ValidGeneration {
         let permit = stream_permit(state, req)?;
         let tokens = self.model.generate(self.request).await.inspect_err(|e| count_rejection(state, e))?;
         let metrics = StreamMetrics::new(&state.metrics, &self.version);
-        let active = metrics.active_gauge();
         let hub = &state.streams;
         let replay = Replay::new(tokens, format, metrics, RequestLog::of(req), started, hub.enabled());
-        let shutdown = state.shutdown.signal();
-        let events = if hub.enabled() {
-            let id =
-                hub.register(client_of(req), &self.version, self.chat_id.as_deref(), Arc::clone(&replay));
-            TokenEvents::attach(replay, Some(id.to_string().into()), 0, shutdown, active, RequestLog::of(req))
-                .on_detach(hub.detach_hook(id))
-        } else {
-            TokenEvents::attach(replay, None, 0, shutdown, active, RequestLog::of(req))
-        }
-        .holding(permit);
-        Ok(sse_response(events, Duration::from_secs(state.settings.sse_keep_alive_secs), req))
+        let id = hub.enabled().then(|| {
+            hub.register(client_of(req), &self.version, self.chat_id.as_deref(), Arc::clone(&replay))
+        });
+        Ok(read(state, &self.version, replay, id, 0, permit, req))
     }
 
     /// Run the generation to its end. If the client goes away, this future is dropped with the
@@ -189,19 +181,31 @@ pub fn resume(
         }
     };
     let permit = stream_permit(state, req)?;
-    let active = state.metrics.active_streams.with_label_values(&[version]);
-    let events = TokenEvents::attach(
-        replay,
-        Some(id.to_string().into()),
-        cursor,
-        state.shutdown.signal(),
-        active,
-        RequestLog::of(req),
-    )
-    .holding(permit)
-    .on_detach(state.streams.detach_hook(id));
     state.metrics.resumed_streams.with_label_values(&[version]).inc();
-    Ok(Some(sse_response(events, Duration::from_secs(state.settings.sse_keep_alive_secs), req)))
+    Ok(Some(read(state, version, replay, Some(id), cursor, permit, req)))
+}
+
+/// The SSE response of one client reading `replay` from event `cursor`, holding its stream slot;
+/// a registered stream (`id`) sends ids and waits out the grace period when the client leaves.
+fn read(
+    state: &AppState,
+    version: &str,
+    replay: SharedReplay,
+    id: Option<StreamId>,
+    cursor: usize,
+    permit: Option<StreamPermit>,
+    req: &HttpRequest,
+) -> HttpResponse {
+    let active = state.metrics.active_streams.with_label_values(&[version]);
+    let name = id.map(|id| id.to_string().into());
+    let events =
+        TokenEvents::attach(replay, name, cursor, state.shutdown.signal(), active, RequestLog::of(req))
+            .holding(permit);
+    let events = match id {
+        Some(id) => events.on_detach(state.streams.detach_hook(id)),
+        None => events,
+    };
+    sse_response(events, Duration::from_secs(state.settings.sse_keep_alive_secs), req)
 }
 
 /// The client's stream slot (429 `too_many_streams` when it already holds the maximum).

@@ -70,11 +70,6 @@ pub struct StreamMetrics {
 }
 
 impl StreamMetrics {
-    /// The open-streams gauge of this version (each reader counts once).
-    pub fn active_gauge(&self) -> IntGauge {
-        self.active.clone()
-    }
-
     pub fn new(metrics: &Metrics, version: &str) -> Self {
         Self {
             active: metrics.active_streams.with_label_values(&[version]),
