@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::{HttpRequest, HttpResponse};
 use futures_util::StreamExt;
+use prometheus::IntGauge;
 use streamgate_inference::{
     ChatMessage, FinishReason, GenerationEvent, GenerationRequest, Generator, InferenceError, SamplingParams,
     Usage,
@@ -23,7 +24,9 @@ use crate::error::ApiError;
 use crate::http::rate_limit::{StreamPermit, client_of};
 use crate::http::request_log::RequestLog;
 use crate::settings::Settings;
-use crate::sse::{EventFormat, Replay, SharedReplay, StreamMetrics, TokenEvents, lock, sse_response};
+use crate::sse::{
+    EventFormat, Replay, SharedReplay, StreamMetrics, TokenEvents, event_stream_response, lock, sse_response,
+};
 use crate::state::AppState;
 use crate::streams::StreamId;
 
@@ -118,8 +121,13 @@ impl ValidGeneration {
         let metrics = StreamMetrics::new(&state.metrics, &self.version);
         let hub = &state.streams;
         let replay = Replay::new(tokens, format, metrics, RequestLog::of(req), started, hub.enabled());
+        let (owner, chat) = (client_of(req), self.chat_id.as_deref());
         let id = hub.enabled().then(|| {
-            hub.register(client_of(req), &self.version, self.chat_id.as_deref(), Arc::clone(&replay))
+            let id = hub.register(owner, &self.version, chat, Arc::clone(&replay));
+            if let Some(replicas) = &state.replicas {
+                replicas.share(id, owner, &self.version, chat, &mut lock(&replay));
+            }
+            id
         });
         Ok(read(state, &self.version, replay, id, 0, permit, req))
     }
@@ -151,11 +159,28 @@ pub enum ResumePoint {
     Live,
 }
 
+impl ResumePoint {
+    /// The first event to send of a stream with `len` events so far, `ended` or not; `Ok(None)`
+    /// for [`ResumePoint::Live`] when it has ended.
+    fn cursor(self, len: usize, ended: bool) -> Result<Option<usize>, ApiError> {
+        match self {
+            Self::Live if ended => Ok(None),
+            Self::Live => Ok(Some(0)),
+            // A client cannot have seen an event that was not sent.
+            Self::After(n) if n > len => Err(ApiError::UnknownStream),
+            // It saw everything: send `[DONE]` again, so the resumed stream ends like any other.
+            Self::After(n) if n == len && ended => Ok(Some(n.saturating_sub(1))),
+            Self::After(n) => Ok(Some(n)),
+        }
+    }
+}
+
 /// Continue stream `id` of `version` for the client of `req`: the events after `from`, then the
 /// live ones, ending with `[DONE]` like any stream. The same generation — the model does not run
-/// again. 404 for an unknown id and for another client's stream alike; `Ok(None)` for
-/// [`ResumePoint::Live`] when the stream has ended.
-pub fn resume(
+/// again. A stream this replica does not have is looked up in the shared state backend, if any,
+/// and followed from there. 404 for an unknown id and for another client's stream alike;
+/// `Ok(None)` for [`ResumePoint::Live`] when the stream has ended.
+pub async fn resume(
     state: &AppState,
     version: &str,
     id: StreamId,
@@ -166,23 +191,57 @@ pub fn resume(
     if let Some(log) = RequestLog::of(req) {
         log.set_version(version);
     }
-    let replay =
-        replay.or_else(|| state.streams.find(id, client_of(req), version)).ok_or(ApiError::UnknownStream)?;
+    let Some(replay) = replay.or_else(|| state.streams.find(id, client_of(req), version)) else {
+        return resume_remote(state, version, id, from, req).await;
+    };
     let cursor = {
         let r = lock(&replay);
-        match from {
-            ResumePoint::Live if r.finished().is_some() => return Ok(None),
-            ResumePoint::Live => 0,
-            // A client cannot have seen an event that was not sent.
-            ResumePoint::After(n) if n > r.len() => return Err(ApiError::UnknownStream),
-            // It saw everything: send `[DONE]` again, so the resumed stream ends like any other.
-            ResumePoint::After(n) if n == r.len() && r.finished().is_some() => n.saturating_sub(1),
-            ResumePoint::After(n) => n,
-        }
+        from.cursor(r.len(), r.finished().is_some())?
     };
+    let Some(cursor) = cursor else { return Ok(None) };
     let permit = stream_permit(state, req)?;
     state.metrics.resumed_streams.with_label_values(&[version]).inc();
     Ok(Some(read(state, version, replay, Some(id), cursor, permit, req)))
+}
+
+/// [`resume`] of a stream another replica runs (or ran), read from the shared state backend.
+async fn resume_remote(
+    state: &AppState,
+    version: &str,
+    id: StreamId,
+    from: ResumePoint,
+    req: &HttpRequest,
+) -> Result<Option<HttpResponse>, ApiError> {
+    let replicas = state.replicas.as_ref().ok_or(ApiError::UnknownStream)?;
+    let stream = replicas.find(id, client_of(req), version).await.ok_or(ApiError::UnknownStream)?;
+    let Some(cursor) = from.cursor(stream.len, stream.done)? else { return Ok(None) };
+    let permit = stream_permit(state, req)?;
+    state.metrics.resumed_streams.with_label_values(&[version]).inc();
+    let active = ActiveStream::new(state.metrics.active_streams.with_label_values(&[version]));
+    let (retry_hint, name) = (stream.retry, id.to_string());
+    // The stream slot and the gauge are held for as long as the response streams.
+    let events = replicas.follow(stream, cursor).map(move |event| {
+        let _held = (&permit, &active);
+        event
+    });
+    let keep_alive = Duration::from_secs(state.settings.sse_keep_alive_secs);
+    Ok(Some(event_stream_response(events, Some(&name), retry_hint, keep_alive, req)))
+}
+
+/// Counts one open stream in the active-streams gauge while it lives.
+struct ActiveStream(IntGauge);
+
+impl ActiveStream {
+    fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// The SSE response of one client reading `replay` from event `cursor`, holding its stream slot;

@@ -7,6 +7,7 @@
 //!   models, health) are the handlers;
 //! - [`generation`] validates a request once and streams or collects it; [`state`] is what
 //!   handlers share;
+//! - [`replicas`] shares quotas and streams between replicas through Redis (optional);
 //! - [`streams`] keeps this replica's resumable streams; [`sse`] turns a token stream into a
 //!   replayable log of events in any format; [`http`] is the middleware and
 //!   the one path table; [`metrics`], [`model_registry`], [`settings`], [`logging`];
@@ -24,6 +25,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model_registry;
 pub mod protocols;
+pub mod replicas;
 pub mod routes;
 pub mod server;
 pub mod settings;

@@ -22,18 +22,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let state = match AppState::new(settings, models, logger.clone()) {
-        Ok(state) => actix_web::web::Data::new(state),
-        Err(e) => {
-            fatal(&logger, &e);
-            return ExitCode::FAILURE;
+    // The state is built on the actix system: a shared state backend starts its tasks there.
+    actix_web::rt::System::new().block_on(async move {
+        let state = match AppState::new(settings, models, logger.clone()) {
+            Ok(state) => actix_web::web::Data::new(state),
+            Err(e) => {
+                fatal(&logger, &e);
+                return ExitCode::FAILURE;
+            }
+        };
+        match serve(state).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                fatal(&logger, &format!("server: {e}"));
+                ExitCode::FAILURE
+            }
         }
-    };
-    match actix_web::rt::System::new().block_on(serve(state)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            fatal(&logger, &format!("server: {e}"));
-            ExitCode::FAILURE
-        }
-    }
+    })
 }

@@ -1,10 +1,11 @@
 //! Prometheus metrics: requests by route and status, active streams, tokens streamed, time to
-//! first token and inter-token gaps, rate-limited, rejected and resumed requests, and the engines' own
+//! first token and inter-token gaps, rate-limited, rejected and resumed requests, the shared state backend's health, and the engines' own
 //! gauges (read at scrape time: generations, queue, KV slots, batch size, decode steps, queue
 //! time, prefix-cache hits). Served as text at `GET /metrics`.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::model_registry::ModelRegistry;
@@ -21,6 +22,13 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     pub rejected: IntCounterVec,
     pub resumed_streams: IntCounterVec,
+    /// 1 while the shared state backend (Redis) answers, 0 while this replica runs on its own
+    /// state (degraded); 1 with the in-process backend.
+    pub state_backend_up: IntGauge,
+    /// Operations on the shared state backend that failed, by operation.
+    pub state_errors: IntCounterVec,
+    /// Rate-limit checks made against this replica's own quota because the shared one was down.
+    pub quota_fallbacks: IntCounter,
     engine_active: IntGaugeVec,
     engine_queued: IntGaugeVec,
     engine_cancelled: IntGaugeVec,
@@ -71,6 +79,18 @@ impl Metrics {
             resumed_streams: IntCounterVec::new(
                 Opts::new("resumed_streams_total", "Streams continued by a reconnecting client (Last-Event-ID, resume endpoints)"),
                 &["version"],
+            )?,
+            state_backend_up: IntGauge::new(
+                "state_backend_up",
+                "1 while the shared state backend (--state) answers; 0: degraded to this replica's own quotas and streams",
+            )?,
+            state_errors: IntCounterVec::new(
+                Opts::new("state_errors_total", "Failed operations on the shared state backend"),
+                &["op"],
+            )?,
+            quota_fallbacks: IntCounter::new(
+                "quota_fallbacks_total",
+                "Rate-limit checks answered by this replica's own quota while the shared backend was down",
             )?,
             rejected: IntCounterVec::new(
                 Opts::new("rejected_total", "Requests refused with 503 (queue full, not ready, draining)"),
@@ -129,7 +149,8 @@ impl Metrics {
             )?,
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
+        m.state_backend_up.set(1);
+        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
             Box::new(m.requests.clone()),
             Box::new(m.active_streams.clone()),
             Box::new(m.tokens_streamed.clone()),
@@ -138,6 +159,9 @@ impl Metrics {
             Box::new(m.rate_limited.clone()),
             Box::new(m.rejected.clone()),
             Box::new(m.resumed_streams.clone()),
+            Box::new(m.state_backend_up.clone()),
+            Box::new(m.state_errors.clone()),
+            Box::new(m.quota_fallbacks.clone()),
             Box::new(m.engine_active.clone()),
             Box::new(m.engine_queued.clone()),
             Box::new(m.engine_cancelled.clone()),

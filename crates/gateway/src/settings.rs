@@ -11,6 +11,7 @@ use clap::Parser;
 
 use crate::http::client_identity::Cidr;
 use crate::http::rate_limit::{RateRule, ScopedRule};
+use crate::replicas::StateBackend;
 
 /// A model version served at `/api/<version>/…`, from a model folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +156,23 @@ pub struct Settings {
     /// Finished streams kept for resumes at most; past it the oldest go first.
     #[arg(long, env = "STREAMGATE_MAX_RETAINED_STREAMS", default_value_t = 1024)]
     pub max_retained_streams: usize,
+
+    /// Where replicas keep what they share: `memory` (this process only: one replica, or sticky
+    /// sessions) or a `redis://[:PASSWORD@]HOST[:PORT][/DB]` URL, for one per-client quota across
+    /// every replica and resumes that land on any replica. If Redis stops answering, each replica
+    /// carries on with its own quotas and streams (see /metrics) until it is back.
+    #[arg(long, env = "STREAMGATE_STATE", default_value = "memory", hide_env_values = true)]
+    pub state: StateBackend,
+
+    /// Milliseconds a request waits for the shared state backend before this replica decides
+    /// alone (its own quota), counted as an outage.
+    #[arg(long, env = "STREAMGATE_STATE_TIMEOUT_MS", default_value_t = 250)]
+    pub state_timeout_ms: u64,
+
+    /// Prefix of every key streamgate writes in Redis (deployments sharing one Redis each use
+    /// their own).
+    #[arg(long, env = "STREAMGATE_STATE_KEY_PREFIX", default_value = "streamgate")]
+    pub state_key_prefix: String,
 
     /// Megabytes of finished generations' KV kept so a prompt that starts the same way (a system
     /// prompt, a conversation's earlier turns) is not recomputed; 0 turns prefix reuse off.
@@ -313,6 +331,18 @@ impl Settings {
                 "must be 0..=86400".into(),
             );
         }
+        if self.state_timeout_ms == 0 || self.state_timeout_ms > 10_000 {
+            return fail("--state-timeout-ms / STREAMGATE_STATE_TIMEOUT_MS", "must be 1..=10000".into());
+        }
+        let prefix_ok = !self.state_key_prefix.is_empty()
+            && self.state_key_prefix.len() <= 64
+            && self.state_key_prefix.bytes().all(|b| b.is_ascii_graphic());
+        if !prefix_ok {
+            return fail(
+                "--state-key-prefix / STREAMGATE_STATE_KEY_PREFIX",
+                "must be 1 to 64 printable ASCII characters, no spaces".into(),
+            );
+        }
         if self.prefix_cache_mb > 1 << 20 {
             return fail("--prefix-cache-mb / STREAMGATE_PREFIX_CACHE_MB", "must be at most 1048576".into());
         }
@@ -419,6 +449,9 @@ mod tests {
         assert!(tokens.validate().is_err_and(|e| e.setting.contains("--default-max-tokens")));
         let keep_alive = parse(&["--sse-keep-alive-secs", "0"]).unwrap_or_else(|e| unreachable!("{e}"));
         assert!(keep_alive.validate().is_err());
+        assert!(parse(&["--state", "redis:/nohost"]).is_err_and(|e| e.contains("--state")));
+        let prefix = parse(&["--state-key-prefix", "a b"]).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(prefix.validate().is_err_and(|e| e.setting.contains("--state-key-prefix")));
     }
 
     #[test]

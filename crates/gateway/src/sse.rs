@@ -11,7 +11,9 @@
 //! stream costs what it did before replay existed: no task, no channel). Only the newest reader
 //! drives; an older one ends when a newer one attaches. When the driving reader goes away before
 //! the end, its detach hook decides: cancel now (the default without a resume window) or after a
-//! grace period (`crate::streams`). Keep-alive comments flow while no token is ready.
+//! grace period (`crate::streams`). Keep-alive comments flow while no token is ready. With a
+//! shared state backend, an [`EventMirror`] copies each event out as it is appended, so another
+//! replica can serve the resume.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -59,6 +61,15 @@ pub trait EventFormat: Send + Unpin + 'static {
     fn event_ids(&self) -> bool {
         true
     }
+}
+
+/// Where a replay's events are copied as they are appended (the replicas' shared store).
+/// Called under the replay's lock: an implementation hands the event on and returns.
+pub trait EventMirror: Send {
+    /// Event `seq` (its id's SEQ, from 1) was appended.
+    fn append(&mut self, seq: usize, data: &ByteString);
+    /// The generation was cancelled before its end: nothing more is appended.
+    fn cancelled(&mut self);
 }
 
 /// Per-stream metric handles, resolved once (no label lookups per token).
@@ -120,6 +131,8 @@ pub struct Replay {
     retry_hint: bool,
     /// The format's events carry ids.
     event_ids: bool,
+    /// Where each event is copied too (another replica may resume the stream).
+    mirror: Option<Box<dyn EventMirror>>,
 }
 
 /// A replay behind the lock its readers share.
@@ -158,7 +171,39 @@ impl Replay {
             epoch: 0,
             retry_hint,
             event_ids,
+            mirror: None,
         }))
+    }
+
+    /// Copy every event to `mirror` from now on, starting with those already appended.
+    pub fn set_mirror(&mut self, mut mirror: Box<dyn EventMirror>) {
+        for (n, data) in self.events.iter().enumerate() {
+            mirror.append(self.sent_off + n + 1, data);
+        }
+        self.mirror = Some(mirror);
+    }
+
+    /// The format's `data:` payloads for `error` (what a reader on another replica sends if the
+    /// stream's own replica goes away).
+    pub fn error_payloads(&mut self, error: &ApiError) -> Vec<String> {
+        self.format.error(error)
+    }
+
+    /// The format starts its streams with a `retry:` hint.
+    pub fn retry_hint(&self) -> bool {
+        self.retry_hint
+    }
+
+    /// The format's events carry ids.
+    pub fn event_ids(&self) -> bool {
+        self.event_ids
+    }
+
+    fn push(&mut self, data: ByteString) {
+        if let Some(mirror) = &mut self.mirror {
+            mirror.append(self.sent_off + self.events.len() + 1, &data);
+        }
+        self.events.push_back(data);
     }
 
     /// Events so far.
@@ -205,6 +250,9 @@ impl Replay {
         if self.finished.is_none() {
             self.tokens = None;
             self.finish("client_disconnected");
+            if let Some(mirror) = &mut self.mirror {
+                mirror.cancelled();
+            }
         }
     }
 
@@ -215,8 +263,10 @@ impl Replay {
     }
 
     fn end_with(&mut self, events: Vec<String>, reason: &'static str) {
-        self.events.extend(events.into_iter().map(ByteString::from));
-        self.events.push_back(ByteString::from_static(DONE));
+        for data in events {
+            self.push(ByteString::from(data));
+        }
+        self.push(ByteString::from_static(DONE));
         self.tokens = None;
         self.finish(reason);
     }
@@ -253,7 +303,7 @@ impl Replay {
         self.rendered += 1;
         timing.unreported += 1;
         if let Some(data) = self.format.token(index, text) {
-            self.events.push_back(ByteString::from(data));
+            self.push(ByteString::from(data));
         }
     }
 
@@ -296,6 +346,21 @@ impl Replay {
                     self.report_tokens();
                     return Poll::Pending;
                 }
+            }
+        }
+    }
+}
+
+impl Replay {
+    /// Drive the generation while no reader does (a grace period): `Ready` once it has ended or
+    /// a reader with a newer epoch than `epoch` attached; `Pending` while tokens are awaited.
+    pub fn drive_detached(&mut self, cx: &mut Context<'_>, epoch: u64) -> Poll<()> {
+        loop {
+            if self.epoch != epoch || self.finished.is_some() {
+                return Poll::Ready(());
+            }
+            if self.drive(cx).is_pending() {
+                return Poll::Pending;
             }
         }
     }
@@ -369,18 +434,23 @@ impl TokenEvents {
     }
 
     fn event(&self, data: ByteString, seq: usize) -> Event {
-        let data = Data::new(data);
-        match self.stream_id.as_ref().filter(|_| self.ids) {
-            None => Event::Data(data),
-            Some(id) => {
-                let mut digits = itoa::Buffer::new();
-                let seq = digits.format(seq);
-                let mut full = String::with_capacity(id.len() + 1 + seq.len());
-                full.push_str(id);
-                full.push('-');
-                full.push_str(seq);
-                Event::Data(data.id(full))
-            }
+        event(data, self.stream_id.as_deref().filter(|_| self.ids), seq)
+    }
+}
+
+/// One SSE event: `data`, with the id `STREAM-SEQ` when the stream sends ids.
+pub fn event(data: ByteString, stream_id: Option<&str>, seq: usize) -> Event {
+    let data = Data::new(data);
+    match stream_id {
+        None => Event::Data(data),
+        Some(id) => {
+            let mut digits = itoa::Buffer::new();
+            let seq = digits.format(seq);
+            let mut full = String::with_capacity(id.len() + 1 + seq.len());
+            full.push_str(id);
+            full.push('-');
+            full.push_str(seq);
+            Event::Data(data.id(full))
         }
     }
 }
@@ -438,11 +508,23 @@ impl Drop for TokenEvents {
 /// How often a browser's `EventSource` should retry a dropped stream (the `retry:` hint).
 pub const RETRY: Duration = Duration::from_secs(1);
 
-/// The response: SSE headers, a `retry:` hint first where the format wants one, plus
-/// `X-Accel-Buffering: no` so nginx passes events through at once.
+/// The response of one reader: SSE headers, a `retry:` hint first where the format wants one,
+/// plus `X-Accel-Buffering: no` so nginx passes events through at once.
 pub fn sse_response(events: TokenEvents, keep_alive: Duration, req: &actix_web::HttpRequest) -> HttpResponse {
     let stream_id = events.stream_id.clone();
     let retry_hint = lock(&events.replay).retry_hint;
+    event_stream_response(events, stream_id.as_deref(), retry_hint, keep_alive, req)
+}
+
+/// An SSE response of any event stream (a local reader, or a stream read from another replica
+/// through the shared store), with the stream's id in `X-Stream-Id`.
+pub fn event_stream_response(
+    events: impl Stream<Item = Result<Event, Infallible>> + 'static,
+    stream_id: Option<&str>,
+    retry_hint: bool,
+    keep_alive: Duration,
+    req: &actix_web::HttpRequest,
+) -> HttpResponse {
     let mut sse = Sse::from_stream(events).with_keep_alive(keep_alive);
     if retry_hint {
         sse = sse.with_retry_duration(RETRY);
@@ -450,7 +532,7 @@ pub fn sse_response(events: TokenEvents, keep_alive: Duration, req: &actix_web::
     let mut response = sse.respond_to(req);
     let headers = response.headers_mut();
     headers.insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
-    if let Some(id) = stream_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+    if let Some(id) = stream_id.and_then(|id| HeaderValue::from_str(id).ok()) {
         headers.insert(HeaderName::from_static("x-stream-id"), id);
     }
     response.map_into_boxed_body()

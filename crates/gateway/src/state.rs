@@ -11,13 +11,14 @@ use tokio::sync::watch;
 
 use crate::http::client_identity::{ApiKeys, ClientResolver};
 use crate::http::cors::OriginPolicy;
-use crate::http::rate_limit::{ClientGate, RateLimits, StreamSlots};
+use crate::http::rate_limit::{ClientGate, RateLimits, SharedQuota, StreamSlots};
 use crate::http::request_log::AccessLog;
 use crate::metrics::Metrics;
 use crate::model_registry::ModelRegistry;
+use crate::replicas::{Replicas, SharedStateConfig, StateBackend};
 use crate::settings::Settings;
 use crate::sse::ShutdownSignal;
-use crate::streams::StreamHub;
+use crate::streams::{RemoteReaders, StreamHub};
 
 /// Everything a handler may read.
 pub struct AppState {
@@ -29,6 +30,8 @@ pub struct AppState {
     pub stream_slots: Arc<StreamSlots>,
     /// Resumable streams (this replica's).
     pub streams: Arc<StreamHub>,
+    /// The state shared with other replicas (`--state redis://…`), if any.
+    pub replicas: Option<Arc<Replicas>>,
     /// What the HTTP layer's middleware reads, each as its own `Data` (see `create_app`).
     pub origin_policy: web::Data<OriginPolicy>,
     pub client_gate: web::Data<ClientGate>,
@@ -36,12 +39,29 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Settings must have passed `Settings::validate`.
+    /// Settings must have passed `Settings::validate`. With `--state redis://…` this must run
+    /// inside an actix system (the shared state's probe and writer start on it).
     pub fn new(settings: Settings, models: ModelRegistry, logger: Logger) -> Result<Self, String> {
         let origin_policy =
             OriginPolicy::new(&settings.allowed_origins, settings.allowed_origin_regex.as_deref())
                 .map_err(|e| format!("ALLOWED_ORIGIN_REGEX: {e}"))?;
         let metrics = Metrics::new().map_err(|e| format!("metrics: {e}"))?;
+        let grace = Duration::from_secs(settings.disconnect_grace_secs);
+        let retention = Duration::from_secs(settings.stream_retention_secs);
+        let replicas = match &settings.state {
+            StateBackend::Memory => None,
+            StateBackend::Redis(url) => Some(Replicas::start(
+                SharedStateConfig {
+                    url: url.clone(),
+                    timeout: Duration::from_millis(settings.state_timeout_ms),
+                    key_prefix: settings.state_key_prefix.clone(),
+                    grace,
+                    retention,
+                },
+                &metrics,
+                &logger,
+            )?),
+        };
         let api_keys = ApiKeys::load(&settings.api_keys, settings.api_keys_file.as_deref())
             .map_err(|e| format!("API_KEYS: {e}"))?;
         let client_gate = ClientGate {
@@ -54,14 +74,17 @@ impl AppState {
                 &settings.rate_limit_rules,
                 settings.rate_limit_exempt.clone(),
             ),
+            shared: replicas.clone().map(|r| r as Arc<dyn SharedQuota>),
             refused: metrics.rate_limited.clone(),
+            fallbacks: metrics.quota_fallbacks.clone(),
         };
         let access_log = AccessLog { logger: logger.clone(), requests: metrics.requests.clone() };
         let stream_slots = StreamSlots::new(settings.max_streams_per_client);
         let streams = StreamHub::new(
-            Duration::from_secs(settings.disconnect_grace_secs),
-            Duration::from_secs(settings.stream_retention_secs),
+            grace,
+            retention,
             settings.max_retained_streams,
+            replicas.clone().map(|r| r as Arc<dyn RemoteReaders>),
         );
         Ok(Self {
             settings,
@@ -71,6 +94,7 @@ impl AppState {
             shutdown: Shutdown::new(),
             stream_slots,
             streams,
+            replicas,
             origin_policy: web::Data::new(origin_policy),
             client_gate: web::Data::new(client_gate),
             access_log: web::Data::new(access_log),

@@ -6,7 +6,10 @@
 //! A generation whose client left keeps running for `--disconnect-grace-secs` (0: cancelled at
 //! once, as before streams were resumable); a resume in time takes it over, otherwise it is
 //! cancelled. Finished streams stay readable for `--stream-retention-secs`; at most
-//! `--max-retained-streams` finished ones are kept, the oldest going first.
+//! `--max-retained-streams` finished ones are kept, the oldest going first. During the grace
+//! period the generation is driven by its grace timer, so its events keep reaching the log (and
+//! the shared store, where another replica may be reading them: while one is, see
+//! [`RemoteReaders`], the grace period is extended).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -47,6 +50,11 @@ impl fmt::Display for StreamId {
     }
 }
 
+/// Whether a client is reading a stream on another replica (through the shared state backend).
+pub trait RemoteReaders: Send + Sync {
+    fn reading(&self, id: StreamId) -> futures_util::future::BoxFuture<'static, bool>;
+}
+
 struct Entry {
     owner: Option<ClientKey>,
     version: String,
@@ -69,11 +77,29 @@ pub struct StreamHub {
     grace: Duration,
     retention: Duration,
     max_finished: usize,
+    remote: Option<Arc<dyn RemoteReaders>>,
 }
 
 impl StreamHub {
-    pub fn new(grace: Duration, retention: Duration, max_finished: usize) -> Arc<Self> {
-        Arc::new(Self { streams: Mutex::default(), grace, retention, max_finished })
+    /// `remote`: where to ask whether another replica is reading a stream whose client left
+    /// here (`None` with one replica).
+    pub fn new(
+        grace: Duration,
+        retention: Duration,
+        max_finished: usize,
+        remote: Option<Arc<dyn RemoteReaders>>,
+    ) -> Arc<Self> {
+        Arc::new(Self { streams: Mutex::default(), grace, retention, max_finished, remote })
+    }
+
+    /// How long a generation keeps running without a reader.
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    /// How long a finished stream stays readable.
+    pub fn retention(&self) -> Duration {
+        self.retention
     }
 
     /// Resume is off when there is neither a grace period nor a retention window: nothing is
@@ -141,7 +167,8 @@ impl StreamHub {
     }
 
     /// What happens when the reader driving stream `id` leaves before its end: cancel at once
-    /// with no grace period, else cancel after it unless a resume took over meanwhile.
+    /// with no grace period, else keep the generation going for the grace period and cancel it
+    /// then, unless a resume took over meanwhile (here, or on another replica).
     pub fn detach_hook(self: &Arc<Self>, id: StreamId) -> DetachHook {
         let hub = Arc::clone(self);
         Box::new(move |replay: &SharedReplay, epoch: u64| {
@@ -152,19 +179,35 @@ impl StreamHub {
             if hub.grace.is_zero() {
                 return cancel_now(&hub);
             }
-            let (timer_hub, timer_replay, grace) = (Arc::clone(&hub), Arc::clone(replay), hub.grace);
+            let (timer_hub, timer_replay) = (Arc::clone(&hub), Arc::clone(replay));
             let timer = async move {
-                actix_web::rt::time::sleep(grace).await;
-                let abandoned = {
-                    let mut r = lock(&timer_replay);
-                    let abandoned = r.epoch() == epoch && r.finished().is_none();
-                    if abandoned {
-                        r.cancel();
+                loop {
+                    let driven = std::future::poll_fn(|cx| lock(&timer_replay).drive_detached(cx, epoch));
+                    let deadline = actix_web::rt::time::sleep(timer_hub.grace);
+                    futures_util::pin_mut!(deadline);
+                    if let futures_util::future::Either::Left(_) =
+                        futures_util::future::select(driven, deadline).await
+                    {
+                        return; // it ended, or a reader here took over
                     }
-                    abandoned
-                };
-                if abandoned {
-                    timer_hub.forget(id);
+                    let remote = timer_hub.remote.as_ref().map(|r| r.reading(id));
+                    if let Some(reading) = remote
+                        && reading.await
+                    {
+                        continue; // read on another replica: keep it going
+                    }
+                    let abandoned = {
+                        let mut r = lock(&timer_replay);
+                        let abandoned = r.epoch() == epoch && r.finished().is_none();
+                        if abandoned {
+                            r.cancel();
+                        }
+                        abandoned
+                    };
+                    if abandoned {
+                        timer_hub.forget(id);
+                    }
+                    return;
                 }
             };
             // The timer runs on the actix system's arbiter; without one (or once it stopped)
@@ -248,7 +291,7 @@ mod tests {
     #[test]
     fn without_an_actix_system_a_detach_cancels_at_once_instead_of_panicking() {
         let metrics = Metrics::new().unwrap_or_else(|e| unreachable!("{e}"));
-        let hub = StreamHub::new(Duration::from_secs(5), Duration::from_secs(300), 8);
+        let hub = StreamHub::new(Duration::from_secs(5), Duration::from_secs(300), 8, None);
         let r = replay(&metrics);
         let id = hub.register(None, "v1", None, Arc::clone(&r));
         let epoch = lock(&r).epoch();
@@ -260,7 +303,7 @@ mod tests {
     #[test]
     fn the_finished_stream_cap_holds_on_every_registration() {
         let metrics = Metrics::new().unwrap_or_else(|e| unreachable!("{e}"));
-        let hub = StreamHub::new(Duration::from_secs(5), Duration::from_secs(300), 3);
+        let hub = StreamHub::new(Duration::from_secs(5), Duration::from_secs(300), 3, None);
         let running = replay(&metrics);
         let first = hub.register(None, "v1", None, Arc::clone(&running));
         for _ in 0..50 {

@@ -12,6 +12,9 @@ use serde_json::{Value, json};
 
 /// A prompt SmolLM2 answers at length under greedy decoding (checked: 120+ tokens, no EOS).
 const LONG: &str = "Count from 1 to 300, separated by commas.";
+/// A raw prompt SmolLM2 continues without end under greedy decoding (checked: 600 tokens, no
+/// EOS), for streams that must outlast a timeout however fast the machine decodes.
+const ENDLESS: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,";
 
 fn both_models() -> Vec<String> {
     vec![
@@ -166,7 +169,7 @@ async fn sigterm_drains_open_streams_then_ends_them() {
     let mut long = open_stream(
         &server,
         "v1",
-        json!({"prompt": LONG, "chat": true, "max_tokens": 1000, "temperature": 0}),
+        json!({"prompt": ENDLESS, "max_tokens": 1000, "temperature": 0}),
     )
     .await;
     let mut short = open_stream(&server, "v2", json!({"prompt": "Hi", "max_tokens": 3})).await;

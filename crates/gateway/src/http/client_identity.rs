@@ -33,6 +33,24 @@ impl ClientKey {
             Self::V6(a) => Ipv6Addr::from(*a).to_string(),
         }
     }
+
+    /// The whole identity as a short string that is the same on every replica: the key for the
+    /// client's shared quota and the owner of its streams in the shared state backend. Holds a
+    /// key's digest, never the key.
+    pub fn stable_id(&self) -> String {
+        match self {
+            Self::ApiKey(d) => {
+                let mut s = String::with_capacity(2 + 32);
+                s.push_str("k:");
+                for b in d {
+                    s.push_str(&format!("{b:02x}"));
+                }
+                s
+            }
+            Self::V4(a) => format!("4:{a:08x}"),
+            Self::V6(a) => format!("6:{a:032x}"),
+        }
+    }
 }
 
 /// The configured API keys, as SHA-256 digests.

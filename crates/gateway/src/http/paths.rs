@@ -21,6 +21,17 @@ pub enum RouteKind {
     Other,
 }
 
+impl RouteKind {
+    /// The name rules use (`stream`, `complete`, `other`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stream => "stream",
+            Self::Complete => "complete",
+            Self::Other => "other",
+        }
+    }
+}
+
 impl FromStr for RouteKind {
     type Err = String;
 

@@ -6,6 +6,10 @@
 //! Each (version, kind) has its own quota. A rate limiter counts requests; a stream that lasts
 //! minutes is one request, which is why the concurrent-stream cap exists beside it.
 //!
+//! With a shared state backend (`--state redis://…`) every replica checks the same quota there
+//! (a [`SharedQuota`]); while it does not answer, this replica's own limiter decides (and a
+//! metric counts it), so a Redis outage never refuses or fails a request on its own.
+//!
 //! The middleware (after CORS) identifies the client (API key or address, see
 //! [`client_identity`](crate::http::client_identity)), answers 401 / 429, and adds `RateLimit-Limit`,
 //! `RateLimit-Remaining` and `RateLimit-Reset` to every limited response.
@@ -26,7 +30,7 @@ use governor::clock::{Clock, QuantaClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
-use prometheus::IntCounterVec;
+use prometheus::{IntCounter, IntCounterVec};
 
 use crate::error::ApiError;
 use crate::http::client_identity::{ApiKeys, ClientKey, ClientResolver, bearer_token};
@@ -124,9 +128,30 @@ pub struct Decision {
 /// One keyed limiter; a trait so tests can drive it with a fake clock.
 pub trait KeyedLimiter: Send + Sync {
     fn check(&self, key: &ClientKey) -> Decision;
+    /// The quota it enforces, for a shared store to enforce the same one.
+    fn quota(&self) -> QuotaParams;
     /// Forget clients whose state is back to "fresh" (bounded memory with many clients).
     fn evict_idle(&self);
     fn tracked_clients(&self) -> usize;
+}
+
+/// A GCRA quota: one request per `interval`, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaParams {
+    pub interval: Duration,
+    pub burst: u32,
+}
+
+/// A quota kept outside this process, shared by every replica (the Redis backend).
+pub trait SharedQuota: Send + Sync {
+    /// Check (and count) one request of `client` against the quota of `scope`; `None` when the
+    /// store cannot answer now (the caller then asks this replica's own limiter).
+    fn check<'a>(
+        &'a self,
+        scope: &'a str,
+        client: &'a ClientKey,
+        quota: QuotaParams,
+    ) -> futures_util::future::BoxFuture<'a, Option<Decision>>;
 }
 
 /// A governor keyed limiter on a DashMap, with state snapshots for the headers.
@@ -188,6 +213,10 @@ where
         self.check_key(key)
     }
 
+    fn quota(&self) -> QuotaParams {
+        QuotaParams { interval: self.replenish, burst: self.burst }
+    }
+
     fn evict_idle(&self) {
         self.evict();
     }
@@ -232,10 +261,20 @@ impl RateLimits {
 
     /// Check one request; `None` when that scope is not limited.
     pub fn check(&self, path: &str, key: &ClientKey) -> Option<Decision> {
+        self.limiter(path).map(|(_, l)| l.check(key))
+    }
+
+    /// The quota a path is under: its scope's name (`VERSION.KIND`, the same on every replica)
+    /// and this replica's limiter for it; `None` when that scope is not limited.
+    pub fn limiter(&self, path: &str) -> Option<(String, &dyn KeyedLimiter)> {
         let (version, kind) = classify(path);
-        let limiters = self.by_version.get(version).or_else(|| self.by_version.get(GLOBAL_SCOPE))?;
+        let (scope, limiters) = match self.by_version.get_key_value(version) {
+            Some(found) => found,
+            None => self.by_version.get_key_value(GLOBAL_SCOPE)?,
+        };
         let index = KINDS.iter().position(|k| *k == kind).unwrap_or(2);
-        limiters[index].as_ref().map(|l| l.check(key))
+        let limiter = limiters[index].as_deref()?;
+        Some((format!("{scope}.{}", kind.as_str()), limiter))
     }
 
     /// Drop idle clients from every limiter (called on a timer).
@@ -335,8 +374,27 @@ pub struct ClientGate {
     pub api_keys: Option<ApiKeys>,
     pub resolver: ClientResolver,
     pub limits: RateLimits,
+    /// Every replica's quota, when a shared state backend is configured.
+    pub shared: Option<Arc<dyn SharedQuota>>,
     /// `rate_limited_total` by reason, counted here for `rate` refusals.
     pub refused: IntCounterVec,
+    /// Checks this replica answered alone because the shared quota was down.
+    pub fallbacks: IntCounter,
+}
+
+impl ClientGate {
+    /// Check one request of `key` on `path`: against the shared quota when there is one and it
+    /// answers, else against this replica's own. `None` when the path is not limited.
+    pub async fn check(&self, path: &str, key: &ClientKey) -> Option<Decision> {
+        let (scope, local) = self.limits.limiter(path)?;
+        if let Some(shared) = &self.shared {
+            if let Some(decision) = shared.check(&scope, key, local.quota()).await {
+                return Some(decision);
+            }
+            self.fallbacks.inc();
+        }
+        Some(local.check(key))
+    }
 }
 
 /// actix middleware (`from_fn`): identify, authenticate, rate-limit.
@@ -368,7 +426,7 @@ pub async fn client_middleware(
         log.set_client(key.label());
     }
     req.extensions_mut().insert(key);
-    let decision = gate.limits.check(&path, &key);
+    let decision = gate.check(&path, &key).await;
     if let Some(d) = decision.filter(|d| !d.allowed) {
         gate.refused.with_label_values(&["rate"]).inc();
         let mut response = error_response_for(&path, ApiError::RateLimited);

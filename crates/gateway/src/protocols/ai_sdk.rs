@@ -111,9 +111,24 @@ pub async fn resume_chat(
 ) -> Result<HttpResponse, ApiError> {
     let (version, chat_id) = path.into_inner();
     state.models.get(&version).ok_or_else(|| ApiError::UnknownVersion(version.clone()))?;
-    let found = state.streams.find_chat(client_of(&req), &version, &chat_id);
-    let Some((id, replay)) = found else { return Ok(HttpResponse::NoContent().finish()) };
-    match resume(&state, &version, id, Some(replay), ResumePoint::Live, &req)? {
+    let owner = client_of(&req);
+    let (id, replay) = match state.streams.find_chat(owner, &version, &chat_id) {
+        Some((id, replay)) => (id, Some(replay)),
+        // Not here: the chat's reply may run on another replica.
+        None => match &state.replicas {
+            Some(replicas) => match replicas.find_chat(owner, &version, &chat_id).await {
+                Some(id) => (id, None),
+                None => return Ok(HttpResponse::NoContent().finish()),
+            },
+            None => return Ok(HttpResponse::NoContent().finish()),
+        },
+    };
+    let resumed = match resume(&state, &version, id, replay, ResumePoint::Live, &req).await {
+        // The chat's stream is gone (cancelled or expired) since the chat pointed at it.
+        Err(ApiError::UnknownStream) => None,
+        other => other?,
+    };
+    match resumed {
         Some(mut response) => {
             response.headers_mut().insert(
                 HeaderName::from_static("x-vercel-ai-ui-message-stream"),

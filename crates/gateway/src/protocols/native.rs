@@ -221,7 +221,8 @@ pub async fn stream_get(
     if let Some(last) = req.headers().get("last-event-id") {
         let (id, seq) =
             last.to_str().ok().and_then(StreamId::parse_event_id).ok_or(ApiError::UnknownStream)?;
-        return resume(&state, &version, id, None, ResumePoint::After(seq), &req)?
+        return resume(&state, &version, id, None, ResumePoint::After(seq), &req)
+            .await?
             .ok_or(ApiError::UnknownStream);
     }
     stream(&state, &version, query.0.into(), &req).await

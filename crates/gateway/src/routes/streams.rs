@@ -53,5 +53,5 @@ pub async fn resume_stream(
         },
         None => usize::try_from(query.0.after.unwrap_or(0)).unwrap_or(usize::MAX),
     };
-    resume(&state, &version, id, None, ResumePoint::After(after), &req)?.ok_or(ApiError::UnknownStream)
+    resume(&state, &version, id, None, ResumePoint::After(after), &req).await?.ok_or(ApiError::UnknownStream)
 }

@@ -203,6 +203,8 @@ pub fn client() -> awc::Client {
 pub struct SseReader<S> {
     body: S,
     buffer: String,
+    /// The `id:` of the last event read that had one (what `EventSource` sends as `Last-Event-ID`).
+    pub last_id: Option<String>,
 }
 
 impl<S> SseReader<S>
@@ -210,7 +212,7 @@ where
     S: futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>> + Unpin,
 {
     pub fn new(body: S) -> Self {
-        Self { body, buffer: String::new() }
+        Self { body, buffer: String::new(), last_id: None }
     }
 
     /// The next `data:` payload, or `None` at the end of the body.
@@ -219,6 +221,9 @@ where
         loop {
             while let Some(end) = self.buffer.find("\n\n") {
                 let event: String = self.buffer.drain(..end + 2).collect();
+                if let Some(id) = event.lines().find_map(|l| l.strip_prefix("id: ")) {
+                    self.last_id = Some(id.to_owned());
+                }
                 let data: Vec<&str> = event.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
                 if !data.is_empty() {
                     return Some(data.join("\n"));
@@ -251,4 +256,75 @@ pub fn metric(text: &str, prefix: &str) -> Option<f64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// A real `redis-server` (Debian's package; `make test` installs it) on a free loopback port,
+/// with no persistence, stopped on drop.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut redis = RedisServer { child: None, port };
+        redis.restart();
+        redis
+    }
+
+    /// The URL for `--state`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Start it (again, on the same port) and wait until it answers.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (make test installs Debian's redis-server)");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        for _ in 0..200 {
+            if let Ok(mut conn) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    /// Stop it now (the gateways lose their shared state).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A command run against it, for checks.
+    pub fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        let mut conn = redis::Client::open(self.url()).unwrap().get_connection().unwrap();
+        cmd.query(&mut conn).unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
