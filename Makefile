@@ -19,6 +19,8 @@ TINY_FUSED := models/tiny-llama-fused
 PREP_PY  := $(addprefix scripts/model_prep/,gguf_to_onnx.py llama_onnx.py llama_fused.py hf_files.py)
 CHROMIUM := /usr/bin/chromium
 NGINX    := /usr/sbin/nginx
+# The shared state backend's tests (two replicas, one Redis) start their own redis-server.
+REDIS_SERVER := /usr/bin/redis-server
 NODE_DEPS := tests/browser/node_modules/.package-lock.json
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -61,7 +63,7 @@ lint: ## rustfmt, clippy (warnings are errors), and no import cycle between a cr
 	python3 scripts/check_import_cycles.py crates/gateway/src
 	python3 scripts/check_import_cycles.py crates/inference/src
 
-test-rust: setup
+test-rust: setup $(REDIS_SERVER)
 	cargo build --quiet -p streamgate-inference --example reference_dump
 	@if cargo nextest --version >/dev/null 2>&1; then \
 	  cargo nextest run --workspace --no-fail-fast; \
@@ -79,10 +81,13 @@ $(CHROMIUM):
 $(NGINX):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx
+$(REDIS_SERVER):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server
 $(NODE_DEPS): tests/browser/package.json tests/browser/package-lock.json
 	cd tests/browser && npm ci --no-audit --no-fund --loglevel=error
 
-test-browser: setup browser-deps
+test-browser: setup browser-deps $(REDIS_SERVER)
 	cargo build --quiet -p streamgate-gateway --bin streamgate
 	cd tests/browser && node --test --test-concurrency=1
 

@@ -36,3 +36,37 @@ export async function startGateway(args = []) {
     stop() { child.kill("SIGKILL"); },
   };
 }
+
+// A real redis-server (Debian's package; `make test` installs it) on a free loopback port, for
+// replicas that share state (`--state redis://…`). Resolves once it accepts connections.
+export async function startRedis() {
+  const { createServer } = await import("node:net");
+  const port = await new Promise((resolvePort, reject) => {
+    const probe = createServer();
+    probe.on("error", reject);
+    probe.listen(0, "127.0.0.1", () => {
+      const { port } = probe.address();
+      probe.close(() => resolvePort(port));
+    });
+  });
+  const child = spawn("redis-server", ["--bind", "127.0.0.1", "--port", String(port), "--save", "", "--appendonly", "no"], {
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let output = "";
+  await new Promise((ready, reject) => {
+    const timer = setTimeout(() => reject(new Error(`redis-server did not start: ${output}`)), 20_000);
+    child.on("error", (e) => reject(new Error(`redis-server could not run (make test installs it): ${e.message}`)));
+    child.on("exit", (code) => reject(new Error(`redis-server exited with ${code}: ${output}`)));
+    child.stdout.on("data", (d) => {
+      output += d;
+      if (output.includes("Ready to accept connections")) {
+        clearTimeout(timer);
+        ready();
+      }
+    });
+  });
+  return {
+    url: `redis://127.0.0.1:${port}`,
+    stop() { child.kill("SIGKILL"); },
+  };
+}

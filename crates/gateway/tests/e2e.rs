@@ -166,12 +166,8 @@ async fn keep_alive_comments_flow_while_a_request_waits() {
 #[actix_rt::test]
 async fn sigterm_drains_open_streams_then_ends_them() {
     let server = start(&["--drain-timeout-secs", "3", "--shutdown-delay-secs", "1"]);
-    let mut long = open_stream(
-        &server,
-        "v1",
-        json!({"prompt": ENDLESS, "max_tokens": 1000, "temperature": 0}),
-    )
-    .await;
+    let mut long =
+        open_stream(&server, "v1", json!({"prompt": ENDLESS, "max_tokens": 1000, "temperature": 0})).await;
     let mut short = open_stream(&server, "v2", json!({"prompt": "Hi", "max_tokens": 3})).await;
     assert!(long.next_data().await.is_some());
 
