@@ -1,0 +1,103 @@
+// A browser's EventSource after a network blip: the chat page at `/` in real headless Chromium
+// streams a reply through a TCP proxy that cuts the connection after 5 events and sends every
+// later connection to the other replica (the two share a real Redis). EventSource reconnects by
+// itself with Last-Event-ID, and the page ends up with the whole reply, each event once.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createServer, connect } from "node:net";
+import { chromium } from "playwright-core";
+import { SMOLLM2, startGateway, startRedis } from "./gateway.mjs";
+
+const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const CUT_AFTER = 5;
+
+// Proxies to `a` until it has cut one stream after CUT_AFTER events, then to `b`. Records each
+// stream request's Last-Event-ID and the X-Stream-Id of the first stream.
+async function cuttingProxy(a, b) {
+  const seen = { streams: [], streamId: null, cut: false };
+  const server = createServer((client) => {
+    const target = new URL(seen.cut ? b : a);
+    const upstream = connect(Number(target.port), target.hostname);
+    let response = "";
+    let watching = false;
+    client.on("data", (chunk) => {
+      // The browser keeps connections alive: look for the stream's request in each chunk (a
+      // browser's request head arrives whole).
+      const text = chunk.toString("latin1");
+      const at = text.indexOf("GET /api/v1/inference/stream");
+      if (!watching && at >= 0) {
+        watching = true;
+        response = "";
+        const head = text.slice(at).split("\r\n\r\n")[0];
+        seen.streams.push((/^last-event-id: *(.*?)\r?$/im.exec(head) ?? [])[1] ?? null);
+      }
+      upstream.write(chunk);
+    });
+    upstream.on("data", (chunk) => {
+      client.write(chunk);
+      if (!watching || seen.cut) return;
+      response += chunk.toString("utf8");
+      seen.streamId ??= (/^x-stream-id: *([0-9a-f]+)/im.exec(response) ?? [])[1] ?? null;
+      if ((response.match(/^data: /gm) ?? []).length >= CUT_AFTER) {
+        seen.cut = true;
+        client.destroy();
+        upstream.destroy();
+      }
+    });
+    const close = () => { client.destroy(); upstream.destroy(); };
+    client.on("error", close);
+    upstream.on("error", close);
+    client.on("close", close);
+    upstream.on("close", close);
+  });
+  await new Promise((listening) => server.listen(0, "127.0.0.1", listening));
+  return { base: `http://127.0.0.1:${server.address().port}`, seen, close: () => server.close() };
+}
+
+test("EventSource reconnects after a cut and the page gets the whole reply from the other replica", async () => {
+  const redis = await startRedis();
+  const args = ["--model", `v1=${SMOLLM2}`, "--state", redis.url, "--intra-threads", "1"];
+  const a = await startGateway(args);
+  const b = await startGateway(args);
+  const proxy = await cuttingProxy(a.base, b.base);
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+      "--disable-component-update", "--disable-sync", "--disable-quic"],
+  });
+  try {
+    const page = await browser.newPage();
+    await page.goto(proxy.base);
+    await page.waitForSelector("#version option", { state: "attached" });
+    // SmolLM2 answers this at length (no EOS within 400 tokens): the reply outlasts the reconnect.
+    await page.fill("#prompt", "Write the numbers from 1 to 1000, separated by commas.");
+    await page.fill("#max-tokens", "200");
+    await page.click("#send");
+    await page.waitForSelector("[data-testid=reply][data-done=true], .meta.error", { timeout: 120_000 });
+    assert.equal(await page.locator(".meta.error").count(), 0, await page.locator(".meta").textContent());
+    const shown = await page.locator("[data-testid=reply] span").textContent();
+
+    assert.ok(proxy.seen.cut, "the first stream was cut");
+    const id = proxy.seen.streamId;
+    assert.match(id ?? "", /^[0-9a-f]{32}$/);
+    assert.deepEqual(proxy.seen.streams, [null, `${id}-${CUT_AFTER}`], "one reconnect, from the last event seen");
+    assert.match(await page.locator(".meta").textContent(), /^(length|stop) · \d+ tokens/, "the reply ran to its end");
+
+    // The whole stream as the gateways recorded it: the page shows exactly its text.
+    const log = await (await fetch(`${b.base}/api/v1/streams/${id}`)).text();
+    const text = log.split("\n").filter((l) => l.startsWith("data: {")).map((l) => JSON.parse(l.slice(6)))
+      .filter((e) => typeof e.text === "string").map((e) => e.text).join("");
+    assert.equal(shown, text, "no event repeated or skipped");
+    assert.ok(text.length > 100, text);
+
+    const metrics = await (await fetch(`${b.base}/metrics`)).text();
+    assert.match(metrics, /^streamgate_engine_admitted_requests\{version="v1"\} 0$/m, "B did not run the model");
+    assert.match(metrics, /^streamgate_resumed_streams_total\{version="v1"\} 2$/m, "the reconnect and our read");
+  } finally {
+    await browser.close();
+    proxy.close();
+    a.stop();
+    b.stop();
+    redis.stop();
+  }
+});
