@@ -5,6 +5,7 @@ checks that the image uses the same pins and scripts as `make setup`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -33,12 +34,19 @@ def pins() -> dict[str, str]:
     return out
 
 
-def k8s_docs() -> dict[str, dict]:
+def k8s_docs(name: str = "streamgate") -> dict[str, dict]:
+    """The objects named `name`, by kind."""
     docs = {}
     for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            docs[doc["kind"]] = doc
+            if doc["metadata"]["name"] == name:
+                docs[doc["kind"]] = doc
     return docs
+
+
+def secrets() -> dict[str, dict]:
+    docs = yaml.safe_load_all((DEPLOY / "k8s" / "secret.example.yaml").read_text())
+    return {d["metadata"]["name"]: d for d in docs}
 
 
 def test_every_yaml_parses():
@@ -65,6 +73,28 @@ def test_grace_period_outlasts_prestop_and_drain():
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] > drain + pre_stop
     assert any(e["valueFrom"]["secretKeyRef"]["name"] == "streamgate-api-keys" for e in container["env"])
+
+
+def test_replicas_share_state_through_the_redis_of_the_manifests():
+    container = k8s_docs()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    state = next(e for e in container["env"] if e["name"] == "STREAMGATE_STATE")
+    ref = state["valueFrom"]["secretKeyRef"]
+    assert ref["optional"] is True, "without the Secret each pod keeps its own state"
+    url = secrets()[ref["name"]]["stringData"][ref["key"]]
+    redis = k8s_docs("streamgate-redis")
+    port = redis["Service"]["spec"]["ports"][0]["port"]
+    assert url == f"redis://{redis['Service']['metadata']['name']}:{port}"
+    assert redis["Deployment"]["spec"]["replicas"] == 1
+
+
+def test_compose_runs_two_replicas_sharing_one_redis():
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    replicas = [services["gateway-a"], services["gateway-b"]]
+    assert replicas[0] == replicas[1], "two copies of one gateway"
+    assert replicas[0]["environment"]["STREAMGATE_STATE"] == "redis://redis:6379"
+    assert "redis-server" in services["redis"]["command"]
+    assert set(services["nginx"]["depends_on"]) == {"gateway-a", "gateway-b"}
+    assert "ports" not in replicas[0], "clients reach the replicas through nginx"
 
 
 def test_probes_point_at_routes_that_exist(gateway):
@@ -106,20 +136,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture()
-def nginx_in_front():
-    """The real gateway (trusting 127.0.0.1 as its proxy) behind Debian's nginx running the
-    shipped deploy/nginx/streamgate.conf, with only the upstream address and port substituted."""
+@contextlib.contextmanager
+def shipped_nginx(upstreams: str):
+    """Debian's nginx running the shipped deploy/nginx/streamgate.conf, with only the upstream
+    line (`server 127.0.0.1:8000;` → `upstreams`) and the listen port substituted; yields the port."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists():
         pytest.fail("nginx is missing: `make test` installs Debian's nginx")
-    server = start_gateway("--model", f"v1={SMOLLM2}", "--model", f"v2={TINY}",
-                           "--trusted-proxies", "127.0.0.1/32", "--rate-limit", "60/min:20")
     port = free_port()
     conf = (DEPLOY / "nginx" / "streamgate.conf").read_text()
     assert "server 127.0.0.1:8000;" in conf and "listen 8080;" in conf
-    conf = conf.replace("server 127.0.0.1:8000;", f"server {server.address};").replace(
-        "listen 8080;", f"listen 127.0.0.1:{port};")
+    conf = conf.replace("server 127.0.0.1:8000;", upstreams).replace("listen 8080;", f"listen 127.0.0.1:{port};")
     prefix = Path(tempfile.mkdtemp(prefix="sg-nginx-"))
     (prefix / "logs").mkdir()
     (prefix / "streamgate.conf").write_text(conf)
@@ -140,11 +167,24 @@ def nginx_in_front():
     else:
         proc.kill()
         pytest.fail(f"nginx did not start: {proc.stderr.read() if proc.stderr else ''}")
-    yield server, port
-    proc.terminate()
-    proc.wait(timeout=10)
-    server.stop()
-    shutil.rmtree(prefix, ignore_errors=True)
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+@pytest.fixture()
+def nginx_in_front():
+    """The real gateway (trusting 127.0.0.1 as its proxy) behind the shipped nginx config."""
+    server = start_gateway("--model", f"v1={SMOLLM2}", "--model", f"v2={TINY}",
+                           "--trusted-proxies", "127.0.0.1/32", "--rate-limit", "60/min:20")
+    try:
+        with shipped_nginx(f"server {server.address};") as port:
+            yield server, port
+    finally:
+        server.stop()
 
 
 def metric(base: str, prefix: str) -> float | None:
@@ -201,3 +241,73 @@ def test_a_stream_through_nginx_arrives_token_by_token_from_the_forwarded_client
         time.sleep(0.05)
     assert lines[0]["client"] == "127.0.0.2", "the gateway logs and limits the address nginx forwarded"
     assert lines[0]["request_id"] == "through-nginx-1"
+
+
+@contextlib.contextmanager
+def redis_server():
+    """A real redis-server (Debian's package; `make test` installs it) on a free port."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is missing: `make test` installs Debian's redis-server")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "Ready to accept connections" in line:
+            break
+    else:
+        pytest.fail("redis-server did not start")
+    try:
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def compose_upstreams(a: str, b: str) -> str:
+    """The upstream line compose's nginx command writes, with the replicas' real addresses."""
+    command = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["nginx"]["command"][-1]
+    line = re.search(r"sed 's/server 127\.0\.0\.1:8000;/([^/]+)/'", command)
+    assert line, command
+    return line.group(1).replace("gateway-a:8000", a).replace("gateway-b:8000", b)
+
+
+def get(port: int, path: str, headers: dict | None = None):
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
+    try:
+        return urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as refused:
+        return refused
+
+
+def test_two_replicas_behind_the_shipped_nginx_share_one_quota_and_every_stream():
+    """compose's layout on real parts: nginx (round-robin, as shipped) in front of two replicas
+    that share a real Redis."""
+    with redis_server() as url:
+        args = ("--model", f"v1={TINY}", "--state", url, "--trusted-proxies", "127.0.0.1/32",
+                "--rate-limit", "6/min:6")
+        a, b = start_gateway(*args), start_gateway(*args)
+        try:
+            with shipped_nginx(compose_upstreams(a.address, b.address)) as port:
+                statuses = [get(port, "/api/v1/models").status for _ in range(8)]
+                assert statuses == [200] * 6 + [429] * 2, statuses
+                assert a.request_logs("/api/v1/models") and b.request_logs("/api/v1/models"), \
+                    "nginx spread the requests over both replicas, and they counted one quota"
+
+                query = "/api/v1/inference/stream?prompt=Once+upon+a+time&max_tokens=16&temperature=0"
+                with get(port, query) as first:
+                    stream_id = first.headers["x-stream-id"]
+                    events = first.read().decode().split("\n\n")
+                whole = [e for e in events if "data: " in e]
+                assert whole[-1].endswith("data: [DONE]")
+                # Reconnects land on each replica in turn: both continue the stream after event 3.
+                for _ in range(2):
+                    with get(port, query, {"Last-Event-ID": f"{stream_id}-3"}) as again:
+                        rest = [e for e in again.read().decode().split("\n\n") if "data: " in e]
+                    assert rest == whole[3:]
+                served = [r for g in (a, b) for r in g.logs if r.get("msg") == "request" and r["status"] >= 500]
+                assert not served, served
+        finally:
+            a.stop()
+            b.stop()
