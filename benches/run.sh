@@ -4,8 +4,8 @@
 # over the same mock tokens (the floor for a Rust server on this machine), and the FastAPI pattern.
 # Every server is pinned to core 0 and the load generator to core 1 with taskset, so all servers
 # get the same single core; `concurrency-2cores` repeats the 10,000-stream run with two HTTP
-# workers per server and nothing pinned. Results: target/bench/*.json and *.svg; a table with
-# ratios is printed at the end.
+# workers per server and nothing pinned; `state` compares `--state memory` with Redis (a local
+# redis-server). Results: target/bench/*.json and *.svg; a table with ratios is printed at the end.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -120,5 +120,24 @@ if [[ $scenario == all || $scenario == resume ]]; then
       --concurrency 10000 --requests 10000 --ramp-up-secs 2 --duration-secs 10
     stop "$server_pid"
   done
+fi
+if [[ $scenario == all || $scenario == state ]]; then
+  echo "== 7. shared state: --state memory vs redis:// (a local redis-server on the load generator's core): the scenario-1 load (CPU per event, Redis' own CPU too) and 1,000 requests/s (added time to first token)"
+  redis_port=18279
+  taskset -c "$CLIENT_CPU" redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no > "$out/redis.log" 2>&1 &
+  redis_pid=$!; pids+=("$redis_pid"); wait_port "$redis_port"
+  cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+  for mode in memory redis; do
+    state=memory; [[ $mode == redis ]] && state="redis://127.0.0.1:$redis_port"
+    start_streamgate 18270 --engine mock --mock-tokens 64 --mock-interval-ms 0 --state "$state"
+    before=$(cpu_ticks "$redis_pid")
+    load "state-$mode-cpu" http://127.0.0.1:18270 "$server_pid" --max-tokens 64 --threads 2 --concurrency 64 --duration-secs 10
+    echo "{\"redis_cpu_s\": $(( $(cpu_ticks "$redis_pid") - before ))e-2}" > "$out/state-$mode-cpu.redis"
+    stop "$server_pid"
+    start_streamgate 18271 --engine mock --mock-tokens 8 --mock-interval-ms 0 --state "$state"
+    load "state-$mode-overhead" http://127.0.0.1:18271 "$server_pid" --max-tokens 8 --threads 2 --rate 1000 --duration-secs 10
+    stop "$server_pid"
+  done
+  redis-cli -p "$redis_port" info memory | grep -E '^used_memory:' > "$out/redis-memory.txt" || true
 fi
 "$py/python" benches/python/summary.py "$out"

@@ -51,6 +51,21 @@ on, off = runs.get("resume-on-memory"), runs.get("resume-off-memory")
 if on and off and on.get("server_kib_per_open_stream") and off.get("server_kib_per_open_stream"):
     print(f"- resume: server memory per open stream on/off = {on['server_kib_per_open_stream']:.1f} / "
           f"{off['server_kib_per_open_stream']:.1f} KiB")
+mem, red = runs.get("state-memory-cpu"), runs.get("state-redis-cpu")
+if mem and red and mem.get("server_cpu_us_per_event") and red.get("server_cpu_us_per_event"):
+    redis_file = out / "state-redis-cpu.redis"
+    redis_cpu = json.loads(redis_file.read_text())["redis_cpu_s"] if redis_file.exists() else None
+    events = red["token_events"]
+    extra = (f"; redis-server's own CPU {redis_cpu * 1e6 / max(events, 1):.2f} µs/event"
+             if redis_cpu is not None else "")
+    print(f"- shared state: server CPU per event redis/memory = "
+          f"{red['server_cpu_us_per_event'] / mem['server_cpu_us_per_event']:.2f}x "
+          f"({red['server_cpu_us_per_event']:.2f} / {mem['server_cpu_us_per_event']:.2f} µs){extra}")
+mem, red = runs.get("state-memory-overhead"), runs.get("state-redis-overhead")
+if mem and red:
+    print(f"- shared state at 1,000 requests/s: TTFT p50 / p99 redis {red['ttft_ms']['p50']:.2f} / "
+          f"{red['ttft_ms']['p99']:.2f} ms vs memory {mem['ttft_ms']['p50']:.2f} / {mem['ttft_ms']['p99']:.2f} ms "
+          f"(added p99 {red['ttft_ms']['p99'] - mem['ttft_ms']['p99']:.2f} ms)")
 
 batching = out / "batching.json"
 if batching.exists():

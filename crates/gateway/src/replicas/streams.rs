@@ -258,6 +258,12 @@ impl Follower {
             })
             .collect();
         if let Some((seq, _)) = entries.last() {
+            // Events the running replica could not write (Redis was down meanwhile) leave a gap:
+            // end the stream as failed rather than skip them.
+            let contiguous = entries.iter().zip(self.last + 1..).all(|((seq, _), expected)| *seq == expected);
+            if !contiguous {
+                return Err(Lost::Gone);
+            }
             self.last = *seq;
             return Ok(Some(entries));
         }
@@ -278,7 +284,8 @@ impl Follower {
 enum Lost {
     /// Redis did not answer.
     Redis(redis::RedisError),
-    /// The stream was cancelled or expired, or the replica running it stopped.
+    /// The stream was cancelled or expired, the replica running it stopped, or some of its
+    /// events never reached Redis.
     Gone,
 }
 
