@@ -137,6 +137,8 @@ def main() -> None:
                     help="keep Q4_1's per-block residual (exact) or drop it (fused layout)")
     ap.add_argument("--bits", type=int, choices=[4, 8], default=4,
                     help="fused layout: 4 = the GGUF's 4-bit blocks plus residual, 8 = re-encoded as 8-bit codes")
+    ap.add_argument("--fp32-mlp-layers", type=int, default=1,
+                    help="fused layout: the MLP projections of this many last layers take fp32 activations")
     ap.add_argument("--rescore-top", type=int, default=16,
                     help="fused layout: re-score the lm_head's best N candidates in fp32 (0: off)")
     args = ap.parse_args()
@@ -151,7 +153,8 @@ def main() -> None:
         weights = read_blocks(reader, cfg)
         model = build_fused_model(cfg, weights, producer="streamgate gguf_to_onnx (fused)",
                                   accuracy_level=args.accuracy_level, exact_q4=args.q4_residual == "exact",
-                                  bits=args.bits, rescore_top=args.rescore_top)
+                                  bits=args.bits, rescore_top=args.rescore_top,
+                                  fp32_mlp_layers=args.fp32_mlp_layers)
     else:
         weights = read_weights(reader, cfg)
         model = build_model(cfg, weights, producer="streamgate gguf_to_onnx")

@@ -192,10 +192,12 @@ class _NamedGraph(_Graph):
 
 
 class _Builder:
-    def __init__(self, cfg: LlamaConfig, accuracy_level: int, exact_q4: bool, bits: int = 4) -> None:
+    def __init__(self, cfg: LlamaConfig, accuracy_level: int, exact_q4: bool, bits: int = 4,
+                 fp32_names: frozenset[str] = frozenset()) -> None:
         self.g = _NamedGraph()
         self.cfg = cfg
         self.accuracy_level = accuracy_level
+        self.fp32_names = fp32_names
         self.exact_q4 = exact_q4
         self.bits = bits
         self._blocksums: dict[str, str] = {}
@@ -211,7 +213,8 @@ class _Builder:
             g.const(f"{name}.qweight", _pack(w.q, w.bits)),
             g.const(f"{name}.scales", w.scale.reshape(-1).astype(np.float32)),
             g.const(f"{name}.zero_points", _pack_zero_points(w.zp, w.bits)),
-        ], domain=MS, hint=name, K=k, N=n, bits=w.bits, block_size=BLOCK, accuracy_level=self.accuracy_level)
+        ], domain=MS, hint=name, K=k, N=n, bits=w.bits, block_size=BLOCK,
+            accuracy_level=1 if name in self.fp32_names else self.accuracy_level)
         if w.resid is None or not self.exact_q4:
             return y
         correction = g.op("MatMul", [self.blocksum(x, k), g.const(f"{name}.block_residuals", w.resid.T.copy())])
@@ -229,19 +232,24 @@ class _Builder:
 
 
 def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: int = 4,
-                      exact_q4: bool = True, bits: int = 4, rescore_top: int = 16) -> onnx.ModelProto:
+                      exact_q4: bool = True, bits: int = 4, rescore_top: int = 16,
+                      fp32_mlp_layers: int = 0) -> onnx.ModelProto:
     """`w` holds QuantWeight (embed, lm_head, layers.{i}.{q,k,v,o,gate,up,down}; [out, in]) and fp32
     norm vectors (final_norm, layers.{i}.{attn_norm,ffn_norm}). `lm_head` may be absent (tied).
 
     accuracy_level: MatMulNBits' 4 (int8 activations, the fast kernels) or 1 (fp32 activations).
     exact_q4: keep Q4_1's per-block residual (see the module docstring). bits=8 re-encodes the 4-bit
     blocks as 8-bit codes instead (no residual term; see `as_8bit`). rescore_top: how many of the
-    lm_head's best candidates are re-scored in fp32 (0: none)."""
+    lm_head's best candidates are re-scored in fp32 (0: none). fp32_mlp_layers: the MLP projections
+    (gate/up and down) of this many last layers take fp32 activations (accuracy_level 1): their int8
+    error reaches the logits with no layer after it to wash it out."""
     if cfg.head_dim % 16:
         raise ValueError("GroupQueryAttention's fused rotary needs head_dim to be a multiple of 16")
     if cfg.hidden_size % BLOCK or cfg.intermediate_size % BLOCK:
         raise ValueError("hidden and intermediate sizes must be multiples of 32")
-    b = _Builder(cfg, accuracy_level, exact_q4, bits)
+    fp32_names = frozenset(f"layers.{i}.{proj}" for i in range(cfg.num_layers - fp32_mlp_layers, cfg.num_layers)
+                           for proj in ("gate_up_proj", "down_proj"))
+    b = _Builder(cfg, accuracy_level, exact_q4, bits, fp32_names)
     g = b.g
     eps = cfg.rms_eps
     hd = cfg.head_dim

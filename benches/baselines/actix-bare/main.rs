@@ -77,6 +77,9 @@ async fn stream(engine: web::Data<MockEngine>, body: web::Json<InferenceRequest>
                 Ok(GenerationEvent::Finished { reason, usage }) => {
                     serde_json::to_writer(&mut line, &Finish { finish_reason: reason, usage })
                 }
+                Ok(GenerationEvent::Reasoning { text }) => {
+                    serde_json::to_writer(&mut line, &serde_json::json!({"reasoning": text}))
+                }
                 Err(e) => serde_json::to_writer(&mut line, &serde_json::json!({"error": e.to_string()})),
             };
             line.extend_from_slice(b"\n\n");

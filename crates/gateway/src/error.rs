@@ -84,11 +84,15 @@ pub enum ErrorCode {
     NotReady,
     ShuttingDown,
     EngineStopped,
+    /// A remote model server (an upstream version) failed.
+    UpstreamError,
+    /// A remote model server sent nothing within its first-byte timeout.
+    UpstreamTimeout,
     InternalError,
 }
 
 impl ErrorCode {
-    pub const ALL: [Self; 20] = [
+    pub const ALL: [Self; 22] = [
         Self::InvalidJson,
         Self::InvalidQuery,
         Self::InvalidRequest,
@@ -108,6 +112,8 @@ impl ErrorCode {
         Self::NotReady,
         Self::ShuttingDown,
         Self::EngineStopped,
+        Self::UpstreamError,
+        Self::UpstreamTimeout,
         Self::InternalError,
     ];
 
@@ -132,6 +138,8 @@ impl ErrorCode {
             Self::NotReady => "not_ready",
             Self::ShuttingDown => "shutting_down",
             Self::EngineStopped => "engine_stopped",
+            Self::UpstreamError => "upstream_error",
+            Self::UpstreamTimeout => "upstream_timeout",
             Self::InternalError => "internal_error",
         }
     }
@@ -192,6 +200,10 @@ impl ApiError {
                 InferenceError::PromptTooLong { .. } => ErrorCode::PromptTooLong,
                 InferenceError::Overloaded { .. } => ErrorCode::Overloaded,
                 InferenceError::EngineStopped => ErrorCode::EngineStopped,
+                InferenceError::Upstream { .. } => ErrorCode::UpstreamError,
+                InferenceError::UpstreamTimeout { .. } => ErrorCode::UpstreamTimeout,
+                InferenceError::UpstreamRateLimited { .. } => ErrorCode::RateLimited,
+                InferenceError::UpstreamUnavailable { .. } => ErrorCode::Overloaded,
                 _ => ErrorCode::InternalError,
             },
             Self::Internal(_) => ErrorCode::InternalError,
@@ -203,18 +215,41 @@ impl ApiError {
         self.error_code().as_str()
     }
 
-    /// The message a client sees: the error itself, except for server faults.
+    /// The message a client sees: the error itself, except for server faults (an upstream's
+    /// address and answer stay in the log too).
     pub fn public_message(&self) -> String {
-        if self.status_code().is_server_error() && self.status_code() != StatusCode::SERVICE_UNAVAILABLE {
-            "internal server error".to_owned()
-        } else {
-            self.to_string()
+        match self {
+            Self::Inference(InferenceError::Upstream { .. }) => "the upstream model server failed".to_owned(),
+            Self::Inference(InferenceError::UpstreamTimeout { .. }) => {
+                "the upstream model server did not answer in time".to_owned()
+            }
+            Self::Inference(InferenceError::UpstreamUnavailable { .. }) => {
+                "no upstream model server is available: retry later".to_owned()
+            }
+            _ if self.status_code().is_server_error()
+                && self.status_code() != StatusCode::SERVICE_UNAVAILABLE =>
+            {
+                "internal server error".to_owned()
+            }
+            _ => self.to_string(),
         }
     }
 
-    /// 503s and the stream cap say when to come back (rate limits set their own headers).
-    fn is_retryable(&self) -> bool {
-        self.status_code() == StatusCode::SERVICE_UNAVAILABLE || matches!(self, Self::TooManyStreams { .. })
+    /// Seconds to send in `Retry-After`: an upstream's own, else ours for 503s and the stream
+    /// cap (rate limits set their own headers).
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Inference(
+                InferenceError::UpstreamRateLimited { retry_after }
+                | InferenceError::UpstreamUnavailable { retry_after, .. },
+            ) => Some(retry_after.unwrap_or(RETRY_AFTER.as_secs()).max(1)),
+            _ if self.status_code() == StatusCode::SERVICE_UNAVAILABLE
+                || matches!(self, Self::TooManyStreams { .. }) =>
+            {
+                Some(RETRY_AFTER.as_secs())
+            }
+            _ => None,
+        }
     }
 
     /// The body of this error in `style`.
@@ -259,8 +294,8 @@ impl ApiError {
     /// `WWW-Authenticate` for 401, and the JSON body.
     pub fn response(&self, style: ErrorStyle) -> HttpResponse {
         let mut response = HttpResponse::build(self.status_code());
-        if self.is_retryable() {
-            response.insert_header((header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER.as_secs())));
+        if let Some(seconds) = self.retry_after() {
+            response.insert_header((header::RETRY_AFTER, HeaderValue::from(seconds)));
         }
         if matches!(self, Self::Unauthorized) {
             response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
@@ -345,9 +380,12 @@ impl ResponseError for ApiError {
                 InferenceError::InvalidRequest(_) | InferenceError::PromptTooLong { .. } => {
                     StatusCode::UNPROCESSABLE_ENTITY
                 }
-                InferenceError::Overloaded { .. } | InferenceError::EngineStopped => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                InferenceError::Overloaded { .. }
+                | InferenceError::EngineStopped
+                | InferenceError::UpstreamUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                InferenceError::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+                InferenceError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+                InferenceError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -384,6 +422,22 @@ mod tests {
             ),
             (InferenceError::EngineStopped.into(), 503, "engine_stopped"),
             (InferenceError::Runtime("onnx exploded".into()).into(), 500, "internal_error"),
+            (
+                InferenceError::Upstream { url: "http://gpu".into(), message: "x".into() }.into(),
+                502,
+                "upstream_error",
+            ),
+            (
+                InferenceError::UpstreamTimeout { url: "http://gpu".into(), after_ms: 1 }.into(),
+                504,
+                "upstream_timeout",
+            ),
+            (InferenceError::UpstreamRateLimited { retry_after: Some(9) }.into(), 429, "rate_limited"),
+            (
+                InferenceError::UpstreamUnavailable { retry_after: None, reason: "x".into() }.into(),
+                503,
+                "overloaded",
+            ),
         ];
         for (err, status, code) in cases {
             assert_eq!(err.status_code().as_u16(), status, "{err}");
@@ -406,6 +460,17 @@ mod tests {
         assert!(!err.to_sse_data().contains("secret"));
         let busy: ApiError = InferenceError::Overloaded { capacity: 2 }.into();
         assert!(busy.error_response().headers().contains_key(header::RETRY_AFTER));
+        let upstream: ApiError =
+            InferenceError::Upstream { url: "http://10.0.0.7:8000/v1".into(), message: "status 500".into() }
+                .into();
+        assert!(!upstream.to_sse_data().contains("10.0.0.7"), "an upstream's address stays in the log");
+        let limited: ApiError = InferenceError::UpstreamRateLimited { retry_after: Some(9) }.into();
+        let retry = limited
+            .error_response()
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok().map(str::to_owned));
+        assert_eq!(retry.as_deref(), Some("9"), "the upstream's Retry-After is passed on");
     }
 
     #[test]

@@ -141,6 +141,8 @@ impl ValidGeneration {
         while let Some(event) = tokens.next().await {
             match event? {
                 GenerationEvent::Token { text: t, .. } => text.push_str(&t),
+                // A non-streamed answer is the answer's text only.
+                GenerationEvent::Reasoning { .. } => {}
                 GenerationEvent::Finished { reason, usage } => {
                     return Ok(Completion { text, finish_reason: reason, usage });
                 }
@@ -289,17 +291,22 @@ fn validate(
     input: GenerationInput,
 ) -> Result<GenerationRequest, ApiError> {
     let invalid = |m: String| Err(ApiError::InvalidRequest(m));
-    let prompt = match input.prompt {
-        PromptInput::Text(text) => check_prompt(settings, text)?,
+    // A conversation is rendered with the model's template, and kept beside the prompt for an
+    // engine that takes messages (a remote model server applies its own template).
+    let (prompt, messages) = match input.prompt {
+        PromptInput::Text(text) => (check_prompt(settings, text)?, None),
         PromptInput::UserMessage(text) => {
             // The template makes any message a non-empty prompt; an empty message is still empty.
             if text.is_empty() {
                 return invalid("prompt must not be empty".into());
             }
-            let text = check_prompt(settings, text)?;
-            model.render_chat(&[ChatMessage::new("user", text)])?
+            let messages = vec![ChatMessage::new("user", check_prompt(settings, text)?)];
+            (model.render_chat(&messages)?, Some(messages))
         }
-        PromptInput::Chat(turns) => check_prompt(settings, model.render_chat(&chat_messages(turns)?)?)?,
+        PromptInput::Chat(turns) => {
+            let messages = chat_messages(turns)?;
+            (check_prompt(settings, model.render_chat(&messages)?)?, Some(messages))
+        }
     };
     let max_tokens = input.max_tokens.map_or(settings.default_max_tokens, |n| n as usize);
     if max_tokens > settings.max_tokens_limit {
@@ -311,7 +318,11 @@ fn validate(
     if input.stop.iter().any(|s| s.chars().count() > MAX_STOP_CHARS) {
         return invalid(format!("stop sequences must be 1 to {MAX_STOP_CHARS} characters"));
     }
-    Ok(GenerationRequest::new(prompt, max_tokens, input.sampling, input.stop)?)
+    let request = GenerationRequest::new(prompt, max_tokens, input.sampling, input.stop)?;
+    Ok(match messages {
+        Some(messages) => request.with_messages(messages),
+        None => request,
+    })
 }
 
 /// A `max_tokens`-like field that does not reach the engine (OpenAI's `max_tokens` beside a

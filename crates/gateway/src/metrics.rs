@@ -1,5 +1,6 @@
 //! Prometheus metrics: requests by route and status, active streams, tokens streamed, time to
-//! first token and inter-token gaps, rate-limited, rejected and resumed requests, the shared state backend's health, and the engines' own
+//! first token and inter-token gaps, rate-limited, rejected and resumed requests, the shared state backend's health,
+//! each upstream URL's state, open streams, time to first byte and errors, and the engines' own
 //! gauges (read at scrape time: generations, queue, KV slots, batch size, decode steps, queue
 //! time, prefix-cache hits). Served as text at `GET /metrics`.
 
@@ -40,6 +41,11 @@ pub struct Metrics {
     engine_queue_wait: GaugeVec,
     engine_prefix_hits: IntGaugeVec,
     engine_prefix_tokens: IntGaugeVec,
+    upstream_up: IntGaugeVec,
+    upstream_open: IntGaugeVec,
+    upstream_first_byte_sum: GaugeVec,
+    upstream_first_byte_count: IntGaugeVec,
+    upstream_errors: IntGaugeVec,
 }
 
 impl Metrics {
@@ -147,10 +153,41 @@ impl Metrics {
                 Opts::new("engine_prefix_cache_tokens", "Prompt positions copied from the prefix cache instead of recomputed"),
                 &["version"],
             )?,
+            upstream_up: IntGaugeVec::new(
+                Opts::new("upstream_up", "1 while an upstream URL takes requests, 0 while its circuit breaker has it out"),
+                &["version", "url"],
+            )?,
+            upstream_open: IntGaugeVec::new(
+                Opts::new("upstream_open_streams", "Streams open to an upstream URL"),
+                &["version", "url"],
+            )?,
+            upstream_first_byte_sum: GaugeVec::new(
+                Opts::new(
+                    "upstream_first_byte_seconds_sum",
+                    "Summed time from request to an upstream's first event (divide by _count)",
+                ),
+                &["version", "url"],
+            )?,
+            upstream_first_byte_count: IntGaugeVec::new(
+                Opts::new("upstream_first_byte_seconds_count", "Answers whose first event came from an upstream URL"),
+                &["version", "url"],
+            )?,
+            upstream_errors: IntGaugeVec::new(
+                Opts::new(
+                    "upstream_errors_total",
+                    "Upstream failures by kind (connect, timeout, status, protocol, disconnected), since start",
+                ),
+                &["version", "url", "kind"],
+            )?,
             registry,
         };
         m.state_backend_up.set(1);
-        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 27] = [
+            Box::new(m.upstream_up.clone()),
+            Box::new(m.upstream_open.clone()),
+            Box::new(m.upstream_first_byte_sum.clone()),
+            Box::new(m.upstream_first_byte_count.clone()),
+            Box::new(m.upstream_errors.clone()),
             Box::new(m.requests.clone()),
             Box::new(m.active_streams.clone()),
             Box::new(m.tokens_streamed.clone()),
@@ -195,6 +232,20 @@ impl Metrics {
             self.engine_queue_wait.with_label_values(&[version]).set(stats.queue_wait_micros as f64 / 1e6);
             self.engine_prefix_hits.with_label_values(&[version]).set(stats.prefix_hits as i64);
             self.engine_prefix_tokens.with_label_values(&[version]).set(stats.prefix_tokens_reused as i64);
+            for upstream in model.upstreams() {
+                let labels = [version, upstream.url.as_str()];
+                self.upstream_up.with_label_values(&labels).set(i64::from(upstream.available));
+                self.upstream_open.with_label_values(&labels).set(upstream.open_streams as i64);
+                self.upstream_first_byte_sum.with_label_values(&labels).set(upstream.first_byte_seconds_sum);
+                self.upstream_first_byte_count
+                    .with_label_values(&labels)
+                    .set(upstream.first_byte_count as i64);
+                for (kind, count) in upstream.errors {
+                    self.upstream_errors
+                        .with_label_values(&[version, upstream.url.as_str(), kind])
+                        .set(count as i64);
+                }
+            }
         }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.

@@ -9,14 +9,15 @@ use std::time::{Duration, Instant};
 
 use actix_web::{HttpServer, web};
 use slog::{Logger, error, info};
-use streamgate_inference::{EngineConfig, Generator, MockConfig, MockEngine, OnnxEngine};
+use streamgate_inference::{EngineConfig, Generator, MockConfig, MockEngine, OnnxEngine, UpstreamEngine};
 
 use crate::app::create_app;
 use crate::model_registry::ModelRegistry;
-use crate::settings::{EngineKind, Settings};
+use crate::settings::{EngineKind, ModelSource, Settings};
 use crate::state::AppState;
 
-/// Load each `--model VERSION=DIR` on its own engine (worker thread + ORT session).
+/// Load each `--model VERSION=DIR` on its own engine (worker thread + ORT session), and set up
+/// each `VERSION=openai+URL…` as an upstream engine (nothing contacted yet).
 pub fn load_models(settings: &Settings, logger: &Logger) -> Result<ModelRegistry, String> {
     let mut registry = ModelRegistry::new();
     if settings.engine == EngineKind::Mock {
@@ -34,8 +35,22 @@ pub fn load_models(settings: &Settings, logger: &Logger) -> Result<ModelRegistry
     }
     for spec in &settings.models {
         let started = Instant::now();
+        let dir = match &spec.source {
+            ModelSource::Folder(dir) => dir,
+            ModelSource::Upstream(upstream) => {
+                let config = settings.upstream_config(upstream).map_err(|e| e.to_string())?;
+                let engine = UpstreamEngine::start(config)
+                    .map_err(|e| format!("model version {}: {e}", spec.version))?;
+                info!(logger, "model loaded"; "version" => &spec.version, "name" => &engine.info().name,
+                    "engine" => "upstream", "urls" => upstream.urls.join(" "),
+                    "connect_timeout_ms" => upstream.connect_timeout.as_millis() as u64,
+                    "first_byte_timeout_ms" => upstream.first_byte_timeout.as_millis() as u64);
+                registry.insert(spec.version.clone(), Arc::new(engine) as Arc<dyn Generator>);
+                continue;
+            }
+        };
         let engine = OnnxEngine::start(&EngineConfig {
-            model_dir: spec.dir.clone(),
+            model_dir: dir.clone(),
             ort_dylib_path: settings.ort_dylib_path.clone(),
             intra_threads: settings.intra_threads_or_cores(),
             max_active: settings.max_active_sequences,

@@ -12,12 +12,22 @@ use clap::Parser;
 use crate::http::client_identity::Cidr;
 use crate::http::rate_limit::{RateRule, ScopedRule};
 use crate::replicas::StateBackend;
+use streamgate_inference::upstream::{SCHEME, UpstreamConfig, UpstreamSpec, is_upstream};
 
-/// A model version served at `/api/<version>/…`, from a model folder.
+/// Where a model version's tokens come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A model folder, run here on ONNX Runtime.
+    Folder(PathBuf),
+    /// Remote OpenAI-compatible servers (`openai+URL[|URL…]?model=NAME…`).
+    Upstream(UpstreamSpec),
+}
+
+/// A model version served at `/api/<version>/…`, from a model folder or remote servers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelSpec {
     pub version: String,
-    pub dir: PathBuf,
+    pub source: ModelSource,
 }
 
 impl FromStr for ModelSpec {
@@ -40,13 +50,23 @@ impl FromStr for ModelSpec {
         if dir.is_empty() {
             return Err(format!("version '{version}' has an empty model folder"));
         }
-        Ok(Self { version: version.to_owned(), dir: PathBuf::from(dir) })
+        let source = if is_upstream(dir) {
+            ModelSource::Upstream(UpstreamSpec::parse(dir).map_err(|e| format!("version '{version}': {e}"))?)
+        } else {
+            ModelSource::Folder(PathBuf::from(dir))
+        };
+        Ok(Self { version: version.to_owned(), source })
     }
 }
 
 impl fmt::Display for ModelSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}={}", self.version, self.dir.display())
+        match &self.source {
+            ModelSource::Folder(dir) => write!(f, "{}={}", self.version, dir.display()),
+            ModelSource::Upstream(spec) => {
+                write!(f, "{}={}{}?model={}", self.version, SCHEME, spec.urls.join("|"), spec.model)
+            }
+        }
     }
 }
 
@@ -81,8 +101,10 @@ pub struct Settings {
     #[arg(long, env = "STREAMGATE_PORT", default_value_t = 8000)]
     pub port: u16,
 
-    /// Model versions as VERSION=DIR, each served at /api/VERSION/… from its own loaded model.
-    /// Repeat the flag, or give a comma-separated list in the environment variable.
+    /// Model versions as VERSION=DIR, each served at /api/VERSION/… from its own loaded model, or
+    /// VERSION=openai+URL[|URL…]?model=NAME[&api_key_env=VAR] for remote OpenAI-compatible servers
+    /// (tried in order; the key is read from the variable VAR). Repeat the flag, or give a
+    /// comma-separated list in the environment variable.
     #[arg(
         long = "model",
         env = "STREAMGATE_MODELS",
@@ -298,6 +320,11 @@ impl Settings {
         if let Some(w) = versions.windows(2).find(|w| w[0] == w[1]) {
             return fail("--model / STREAMGATE_MODELS", format!("version '{}' is given twice", w[0]));
         }
+        for model in &self.models {
+            if let ModelSource::Upstream(spec) = &model.source {
+                self.upstream_config(spec)?;
+            }
+        }
         if self.sse_keep_alive_secs == 0 || self.sse_keep_alive_secs > 3600 {
             return fail("--sse-keep-alive-secs / STREAMGATE_SSE_KEEP_ALIVE_SECS", "must be 1..=3600".into());
         }
@@ -394,6 +421,24 @@ impl Settings {
         Ok(())
     }
 
+    /// An upstream version's engine settings, with its API key read from the environment
+    /// variable the spec names (a variable that is unset or empty is a start-up error).
+    pub fn upstream_config(&self, spec: &UpstreamSpec) -> Result<UpstreamConfig, SettingsError> {
+        let api_key = match &spec.api_key_env {
+            None => None,
+            Some(name) => match std::env::var(name) {
+                Ok(key) if !key.trim().is_empty() => Some(key.trim().to_owned()),
+                _ => {
+                    return Err(SettingsError {
+                        setting: "--model / STREAMGATE_MODELS",
+                        message: format!("api_key_env names {name}, which is not set (or empty)"),
+                    });
+                }
+            },
+        };
+        Ok(UpstreamConfig { spec: spec.clone(), api_key })
+    }
+
     pub fn intra_threads_or_cores(&self) -> usize {
         if self.intra_threads > 0 { self.intra_threads } else { available_cores() }
     }
@@ -431,6 +476,20 @@ mod tests {
             ["v1=models/a", "v2=models/b"]
         );
         assert!(s.validate().is_ok());
+        let up = parse(&["--model", "v3=openai+http://gpu-1:8000/v1|http://gpu-2:8000/v1?model=llama"])
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(
+            matches!(&up.models[0].source, ModelSource::Upstream(s) if s.urls.len() == 2 && s.model == "llama")
+        );
+        assert_eq!(
+            up.models[0].to_string(),
+            "v3=openai+http://gpu-1:8000/v1|http://gpu-2:8000/v1?model=llama"
+        );
+        assert!(parse(&["--model", "v3=openai+http://gpu/v1"]).is_err_and(|e| e.contains("model=NAME")));
+        let unset =
+            parse(&["--model", "v3=openai+http://gpu/v1?model=m&api_key_env=STREAMGATE_TEST_SURELY_UNSET"])
+                .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(unset.validate().is_err_and(|e| e.message.contains("STREAMGATE_TEST_SURELY_UNSET")));
     }
 
     #[test]

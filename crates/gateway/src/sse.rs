@@ -46,6 +46,8 @@ pub trait EventFormat: Send + Unpin + 'static {
     }
     /// The event for one token, or `None` to send nothing (e.g. empty text).
     fn token(&mut self, index: usize, text: &str) -> Option<String>;
+    /// Events for reasoning text a remote model server sent apart from the answer.
+    fn reasoning(&mut self, text: &str) -> Vec<String>;
     /// Events after the last token.
     fn finish(&mut self, reason: FinishReason, usage: Usage) -> Vec<String>;
     /// Events reporting a failure after the stream started.
@@ -324,6 +326,14 @@ impl Replay {
             match tokens.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(GenerationEvent::Token { index, text, .. }))) => {
                     self.on_token(index, &text);
+                    if self.len() > before {
+                        return Poll::Ready(());
+                    }
+                }
+                Poll::Ready(Some(Ok(GenerationEvent::Reasoning { text }))) => {
+                    for data in self.format.reasoning(&text) {
+                        self.push(ByteString::from(data));
+                    }
                     if self.len() > before {
                         return Poll::Ready(());
                     }

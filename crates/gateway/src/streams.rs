@@ -275,6 +275,9 @@ mod tests {
         fn token(&mut self, _: usize, text: &str) -> Option<String> {
             Some(text.to_owned())
         }
+        fn reasoning(&mut self, text: &str) -> Vec<String> {
+            vec![text.to_owned()]
+        }
         fn finish(&mut self, _: FinishReason, _: Usage) -> Vec<String> {
             Vec::new()
         }

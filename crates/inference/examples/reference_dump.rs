@@ -79,6 +79,7 @@ fn main() -> Result<(), AnyError> {
             match event? {
                 GenerationEvent::Token { id, .. } => ids.push(id),
                 GenerationEvent::Finished { reason: r, .. } => reason = Some(r.as_str()),
+                GenerationEvent::Reasoning { .. } => {} // local models send none
             }
         }
         Ok::<_, AnyError>((ids, reason))

@@ -48,6 +48,23 @@ pub enum InferenceError {
     /// The engine's worker has stopped (shutdown or a fatal error).
     #[error("the inference engine is not running")]
     EngineStopped,
+
+    /// A remote model server failed: no connection, an error status, or a stream that broke.
+    #[error("upstream {url}: {message}")]
+    Upstream { url: String, message: String },
+
+    /// A remote model server sent nothing within the first-byte timeout.
+    #[error("upstream {url}: no answer within {after_ms} ms")]
+    UpstreamTimeout { url: String, after_ms: u64 },
+
+    /// A remote model server refused for rate (429): the client should wait this many seconds.
+    #[error("the upstream model server is rate limiting")]
+    UpstreamRateLimited { retry_after: Option<u64> },
+
+    /// No remote model server can take the request now (each answered 503, or each was taken
+    /// out by its circuit breaker).
+    #[error("no upstream model server is available: {reason}")]
+    UpstreamUnavailable { retry_after: Option<u64>, reason: String },
 }
 
 impl InferenceError {

@@ -26,6 +26,9 @@ pub struct GenerationRequest {
     max_tokens: usize,
     sampling: SamplingParams,
     stop: Vec<String>,
+    /// The conversation the prompt was rendered from, for engines that take messages (a remote
+    /// model server applies its own template); local engines run the prompt.
+    messages: Option<Vec<ChatMessage>>,
 }
 
 impl GenerationRequest {
@@ -49,7 +52,18 @@ impl GenerationRequest {
         if stop.iter().any(String::is_empty) {
             return invalid("stop sequences must not be empty");
         }
-        Ok(Self { prompt, max_tokens, sampling, stop })
+        Ok(Self { prompt, max_tokens, sampling, stop, messages: None })
+    }
+
+    /// Attach the conversation `prompt` was rendered from.
+    pub fn with_messages(mut self, messages: Vec<ChatMessage>) -> Self {
+        self.messages = Some(messages);
+        self
+    }
+
+    /// The conversation, when the prompt was rendered from one.
+    pub fn messages(&self) -> Option<&[ChatMessage]> {
+        self.messages.as_deref()
     }
 
     /// The prompt, already in the model's prompt format.
@@ -114,6 +128,9 @@ pub enum GenerationEvent {
     /// `id`. `text` may be empty while a multi-byte character or a possible stop sequence is held
     /// back; the last token's event carries whatever was held. `index` counts from 0.
     Token { index: usize, id: u32, text: String },
+    /// Reasoning text a remote model server sent apart from the answer (`reasoning_content`);
+    /// local models send none.
+    Reasoning { text: String },
     /// The last event of every stream that was not cut short by an error.
     Finished { reason: FinishReason, usage: Usage },
 }
@@ -133,9 +150,11 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     #[serde(skip)]
     pub loaded_at: SystemTime,
-    /// `onnx` for a real model, `mock` for the benchmarking token source.
+    /// `onnx` for a real model, `mock` for the benchmarking token source, `upstream` for a remote
+    /// model server.
     pub engine: &'static str,
-    /// The ONNX graph layout (`fused` or `optimum`); `mock` for the mock engine.
+    /// The ONNX graph layout (`fused` or `optimum`); `mock` for the mock engine; `openai` for a
+    /// remote model server.
     pub layout: &'static str,
 }
 
@@ -169,7 +188,21 @@ pub struct EngineStats {
     pub prefix_tokens_reused: u64,
 }
 
-/// A text generator: the real ONNX engine, or the benchmarking mock.
+/// One upstream URL as readiness and metrics see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamStatus {
+    pub url: String,
+    /// Not taken out by its circuit breaker.
+    pub available: bool,
+    pub open_streams: usize,
+    /// Time to the first event of each answer: summed seconds and count.
+    pub first_byte_seconds_sum: f64,
+    pub first_byte_count: u64,
+    /// Failures by kind (every kind, zeros included).
+    pub errors: Vec<(&'static str, u64)>,
+}
+
+/// A text generator: the real ONNX engine, a remote model server, or the benchmarking mock.
 pub trait Generator: Send + Sync + 'static {
     fn info(&self) -> &ModelInfo;
 
@@ -187,6 +220,12 @@ pub trait Generator: Send + Sync + 'static {
 
     /// Whether the engine's worker is running and accepting work.
     fn is_ready(&self) -> bool;
+
+    /// The remote model servers behind this generator, for readiness and metrics (none for a
+    /// local model).
+    fn upstreams(&self) -> Vec<UpstreamStatus> {
+        Vec::new()
+    }
 }
 
 /// Adapts a tokio receiver into a [`Stream`] (no extra crate for one impl).

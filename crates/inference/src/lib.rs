@@ -4,7 +4,8 @@
 //! Data flows `Generator::generate` → [`scheduler`] (bounded queue, worker thread, the step loop
 //! that batches decoding sequences, cancellation) → `sequence` (one generation: sample →
 //! detokenize → stop → event) and [`model`] (ORT session, KV slot pool, prefix cache) →
-//! [`sampling`] / [`tokenizer`] / [`stop`].
+//! [`sampling`] / [`tokenizer`] / [`stop`]. [`upstream`] is the other kind of engine: a remote
+//! OpenAI-compatible model server, streamed through the same [`Generator`] trait.
 
 pub mod chat;
 pub mod error;
@@ -18,6 +19,7 @@ pub mod scheduler;
 mod sequence;
 pub mod stop;
 pub mod tokenizer;
+pub mod upstream;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use error::{InferenceError, Result};
@@ -31,6 +33,7 @@ pub use scheduler::{
     DEFAULT_MAX_CONTEXT, DEFAULT_PREFILL_CHUNK, DEFAULT_PREFILL_PACE, DEFAULT_PREFIX_CACHE_MB, EngineConfig,
     OnnxEngine,
 };
+pub use upstream::{UpstreamConfig, UpstreamEngine, UpstreamSpec, UpstreamStatus};
 
 #[cfg(test)]
 pub(crate) mod test_support {

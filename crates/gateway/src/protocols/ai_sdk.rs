@@ -178,7 +178,8 @@ pub async fn chat(
     };
     let generation = ValidGeneration::new(&state, &version, input, &req)?.for_chat(body.id);
     let message_id = format!("msg-{:024x}", rand::rng().random::<u128>() >> 32);
-    let format = UiMessageFormat { message_id, text_id: "text-0".into(), text_open: false };
+    let format =
+        UiMessageFormat { message_id, text_id: "text-0".into(), text_open: false, reasoning_open: false };
     let mut response = generation.stream(&state, format, &req, started).await?;
     response
         .headers_mut()
@@ -191,9 +192,19 @@ pub struct UiMessageFormat {
     message_id: String,
     text_id: String,
     text_open: bool,
+    /// A `reasoning-start` was sent and no `reasoning-end` yet.
+    reasoning_open: bool,
 }
 
+/// The one reasoning part of a reply.
+const REASONING_ID: &str = "reasoning-0";
+
 impl UiMessageFormat {
+    fn close_reasoning(&mut self) -> Option<String> {
+        std::mem::take(&mut self.reasoning_open)
+            .then(|| json!({"type": "reasoning-end", "id": REASONING_ID}).to_string())
+    }
+
     fn close_text(&mut self) -> Option<String> {
         std::mem::take(&mut self.text_open)
             .then(|| json!({"type": "text-end", "id": self.text_id}).to_string())
@@ -215,13 +226,23 @@ impl EventFormat for UiMessageFormat {
             .then(|| json!({"type": "text-delta", "id": self.text_id, "delta": text}).to_string())
     }
 
+    /// A reasoning part (`reasoning-start`, then `reasoning-delta`s; ended at the finish).
+    fn reasoning(&mut self, text: &str) -> Vec<String> {
+        let mut parts = Vec::new();
+        if !std::mem::replace(&mut self.reasoning_open, true) {
+            parts.push(json!({"type": "reasoning-start", "id": REASONING_ID}).to_string());
+        }
+        parts.push(json!({"type": "reasoning-delta", "id": REASONING_ID, "delta": text}).to_string());
+        parts
+    }
+
     fn finish(&mut self, reason: FinishReason, _usage: Usage) -> Vec<String> {
         let reason = match reason {
             FinishReason::Length => "length",
             FinishReason::Stop => "stop",
             FinishReason::Cancelled => "other",
         };
-        let mut out: Vec<String> = self.close_text().into_iter().collect();
+        let mut out: Vec<String> = self.close_reasoning().into_iter().chain(self.close_text()).collect();
         out.push(json!({"type": "finish-step"}).to_string());
         out.push(json!({"type": "finish", "finishReason": reason}).to_string());
         out

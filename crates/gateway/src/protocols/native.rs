@@ -288,6 +288,11 @@ impl EventFormat for NativeFormat {
         native_token_json(index, text)
     }
 
+    /// `{"reasoning":"…"}`, apart from the answer's token events.
+    fn reasoning(&mut self, text: &str) -> Vec<String> {
+        serde_json::to_string(&serde_json::json!({ "reasoning": text })).into_iter().collect()
+    }
+
     fn finish(&mut self, reason: FinishReason, usage: Usage) -> Vec<String> {
         serde_json::to_string(&NativeFinish { finish_reason: reason, usage }).into_iter().collect()
     }

@@ -292,6 +292,13 @@ impl EventFormat for ChunkFormat {
         self.chunk(json!([{"index": 0, "delta": {"content": text}, "finish_reason": null}]))
     }
 
+    /// `delta.reasoning_content`, as vLLM and DeepSeek send it.
+    fn reasoning(&mut self, text: &str) -> Vec<String> {
+        self.chunk(json!([{"index": 0, "delta": {"reasoning_content": text}, "finish_reason": null}]))
+            .into_iter()
+            .collect()
+    }
+
     fn finish(&mut self, reason: FinishReason, usage: Usage) -> Vec<String> {
         let reason = match reason {
             FinishReason::Length => "length",

@@ -26,7 +26,7 @@ use crate::state::AppState;
     ),
     components(schemas(
         ErrorBody, ErrorDetail, ErrorCode, native::InferenceRequest, native::InferenceResponse,
-        native::TokenEventSchema, native::FinishEventSchema, native::UsageSchema, native::NativeEvent, wire::Stop, models::ModelDescription, health::HealthStatus,
+        native::TokenEventSchema, native::FinishEventSchema, native::UsageSchema, native::NativeEvent, wire::Stop, models::ModelDescription, health::HealthStatus, health::UpstreamHealth,
         ai_sdk::UiChatRequest, ai_sdk::UiMessage, ai_sdk::UiPart, ai_sdk::UiStreamPart,
         openai::ChatCompletion, openai::ChatCompletionChunk, openai::ChatStreamEvent,
         openai::ChatCompletionRequest, openai::ChatMessageIn, openai::MessageContent, openai::ContentPart, openai::StreamOptions,
