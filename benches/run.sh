@@ -5,7 +5,7 @@
 # Every server is pinned to core 0 and the load generator to core 1 with taskset, so all servers
 # get the same single core; `concurrency-2cores` repeats the 10,000-stream run with two HTTP
 # workers per server and nothing pinned; `state` compares `--state memory` with Redis (a local
-# redis-server). Results: target/bench/*.json and *.svg; a table with ratios is printed at the end.
+# redis-server); `proxy` puts a second streamgate in front of one as its OpenAI-compatible upstream. Results: target/bench/*.json and *.svg; a table with ratios is printed at the end.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -139,5 +139,14 @@ if [[ $scenario == all || $scenario == state ]]; then
     stop "$server_pid"
   done
   redis-cli -p "$redis_port" info memory | grep -E '^used_memory:' > "$out/redis-memory.txt" || true
+fi
+if [[ $scenario == all || $scenario == proxy ]]; then
+  echo "== 8. proxying: 1,000 requests/s of 8-token OpenAI streams, to the upstream (streamgate, mock engine) alone, then through a second streamgate in front of it (both on the server core)"
+  start_streamgate 18290 --engine mock --mock-tokens 8 --mock-interval-ms 0
+  upstream_pid=$server_pid
+  load proxy-upstream-alone http://127.0.0.1:18290 "$upstream_pid" --route openai --max-tokens 8 --threads 2 --rate 1000 --duration-secs 10
+  start_streamgate 18291 --model "v1=openai+http://127.0.0.1:18290/v1?model=v1"
+  load proxy-through-front http://127.0.0.1:18291 "$server_pid" --route openai --max-tokens 8 --threads 2 --rate 1000 --duration-secs 10
+  stop "$server_pid"; stop "$upstream_pid"
 fi
 "$py/python" benches/python/summary.py "$out"

@@ -66,6 +66,13 @@ if mem and red:
     print(f"- shared state at 1,000 requests/s: TTFT p50 / p99 redis {red['ttft_ms']['p50']:.2f} / "
           f"{red['ttft_ms']['p99']:.2f} ms vs memory {mem['ttft_ms']['p50']:.2f} / {mem['ttft_ms']['p99']:.2f} ms "
           f"(added p99 {red['ttft_ms']['p99'] - mem['ttft_ms']['p99']:.2f} ms)")
+alone, front = runs.get("proxy-upstream-alone"), runs.get("proxy-through-front")
+if alone and front:
+    print(f"- proxying at 1,000 requests/s: TTFT p50 / p99 through the front {front['ttft_ms']['p50']:.2f} / "
+          f"{front['ttft_ms']['p99']:.2f} ms vs the upstream alone {alone['ttft_ms']['p50']:.2f} / "
+          f"{alone['ttft_ms']['p99']:.2f} ms: added p99 {front['ttft_ms']['p99'] - alone['ttft_ms']['p99']:.2f} ms "
+          f"(target < 1 ms); the front's own CPU per event {front.get('server_cpu_us_per_event') or 0:.2f} µs "
+          f"(the upstream's {alone.get('server_cpu_us_per_event') or 0:.2f} µs); completed {front['completed']} / {alone['completed']}")
 
 batching = out / "batching.json"
 if batching.exists():

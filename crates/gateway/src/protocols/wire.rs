@@ -73,9 +73,16 @@ pub enum BodyGenerationErrors {
     /// Rate limited, or too many open streams for this client.
     #[response(status = 429)]
     TooManyRequests(ErrorBody),
-    /// The model's queue is full, or the server is shutting down.
+    /// The model's queue is full, the server is shutting down, or no upstream model server is
+    /// available (an upstream version).
     #[response(status = 503)]
     Unavailable(ErrorBody),
+    /// An upstream version's model server failed (`upstream_error`).
+    #[response(status = 502)]
+    BadGateway(ErrorBody),
+    /// An upstream version's model server did not answer in time (`upstream_timeout`).
+    #[response(status = 504)]
+    GatewayTimeout(ErrorBody),
 }
 
 /// The errors of the query-string form (`GET …/inference/stream`).
@@ -93,9 +100,16 @@ pub enum QueryGenerationErrors {
     /// Rate limited, or too many open streams for this client.
     #[response(status = 429)]
     TooManyRequests(ErrorBody),
-    /// The model's queue is full, or the server is shutting down.
+    /// The model's queue is full, the server is shutting down, or no upstream model server is
+    /// available (an upstream version).
     #[response(status = 503)]
     Unavailable(ErrorBody),
+    /// An upstream version's model server failed (`upstream_error`).
+    #[response(status = 502)]
+    BadGateway(ErrorBody),
+    /// An upstream version's model server did not answer in time (`upstream_timeout`).
+    #[response(status = 504)]
+    GatewayTimeout(ErrorBody),
 }
 
 /// The longest prompt a query string carries, in characters: percent-encoded (up to 12 bytes a

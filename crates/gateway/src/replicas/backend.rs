@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytestring::ByteString;
@@ -91,6 +91,8 @@ pub struct Replicas {
     pub(super) errors: IntCounterVec,
     logger: Logger,
     pub(super) mirror: mpsc::UnboundedSender<MirrorOp>,
+    /// Events queued for the writer; past [`MAX_QUEUED_EVENTS`] more are dropped (counted).
+    pub(super) queued: Arc<AtomicUsize>,
 }
 
 /// One write for the event writer.
@@ -103,7 +105,11 @@ pub enum MirrorOp {
     Cancelled { id: StreamId },
 }
 
-/// Events written per round trip at most.
+/// Events waiting for the writer at most (a replica producing events faster than Redis takes
+/// them must not grow without bound): past it, events are not copied to Redis — their streams
+/// still resume on this replica; elsewhere a reader sees the gap and ends them with an error.
+pub(super) const MAX_QUEUED_EVENTS: usize = 65_536;
+/// Ops written per round trip at most.
 pub(super) const WRITE_BATCH: usize = 512;
 /// A running stream's keys outlive the retention window by this much (a generation that runs
 /// longer keeps being resumable here; its keys are renewed with every event).
@@ -142,6 +148,7 @@ impl Replicas {
             errors: metrics.state_errors.clone(),
             logger,
             mirror,
+            queued: Arc::default(),
         });
         info!(this.logger, "shared state backend"; "url" => redact(&this.config.url), "replica" => &this.replica);
         actix_web::rt::spawn(Arc::clone(&this).probe());
@@ -217,6 +224,8 @@ impl Replicas {
     async fn write_events(self: Arc<Self>, mut writes: mpsc::UnboundedReceiver<MirrorOp>) {
         let mut batch = Vec::with_capacity(WRITE_BATCH);
         while writes.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+            let events = batch.iter().filter(|op| matches!(op, MirrorOp::Event { .. })).count();
+            self.queued.fetch_sub(events, Ordering::Relaxed);
             if self.healthy() {
                 let pipe = self.pipeline(&batch);
                 self.run("stream_write", |mut conn| async move { pipe.query_async::<()>(&mut conn).await })
@@ -228,33 +237,34 @@ impl Replicas {
         }
     }
 
+    /// One round trip for a batch: each stream's events in it go into one stream entry (id
+    /// `0-SEQ` of its last event, one field per event: `SEQ` → data), so a busy replica writes a
+    /// few entries per round trip rather than one per token.
     fn pipeline(&self, batch: &[MirrorOp]) -> redis::Pipeline {
-        let running = self.running_ttl();
-        let finished = millis(self.config.retention.max(FINISHED_MIN));
         let mut pipe = redis::pipe();
+        let mut runs: Vec<(StreamId, Vec<(usize, &ByteString)>)> = Vec::new();
         for op in batch {
             match op {
+                MirrorOp::Event { id, seq, data } => match runs.iter_mut().find(|(r, _)| r == id) {
+                    Some((_, events)) => events.push((*seq, data)),
+                    None => runs.push((*id, vec![(*seq, data)])),
+                },
                 MirrorOp::Register { id, fields, chat } => {
+                    self.flush(&mut pipe, &mut runs, *id);
                     let meta = self.stream_key(*id, "meta");
                     pipe.cmd("HSET").arg(&meta).arg(fields.as_slice()).ignore();
-                    pipe.cmd("PEXPIRE").arg(&meta).arg(running).ignore();
+                    pipe.cmd("PEXPIRE").arg(&meta).arg(self.running_ttl()).ignore();
                     if let Some(chat) = chat {
-                        pipe.cmd("SET").arg(chat).arg(id.to_string()).arg("PX").arg(running).ignore();
-                    }
-                }
-                MirrorOp::Event { id, seq, data } => {
-                    let events = self.stream_key(*id, "events");
-                    pipe.cmd("XADD").arg(&events).arg(format!("0-{seq}")).arg("d").arg(&**data).ignore();
-                    if &**data == DONE {
-                        let meta = self.stream_key(*id, "meta");
-                        pipe.cmd("HSET").arg(&meta).arg("done").arg(1).ignore();
-                        pipe.cmd("PEXPIRE").arg(&meta).arg(finished).ignore();
-                        pipe.cmd("PEXPIRE").arg(&events).arg(finished).ignore();
-                    } else {
-                        pipe.cmd("PEXPIRE").arg(&events).arg(running).ignore();
+                        pipe.cmd("SET")
+                            .arg(chat)
+                            .arg(id.to_string())
+                            .arg("PX")
+                            .arg(self.running_ttl())
+                            .ignore();
                     }
                 }
                 MirrorOp::Cancelled { id } => {
+                    self.flush(&mut pipe, &mut runs, *id);
                     pipe.cmd("DEL")
                         .arg(self.stream_key(*id, "meta"))
                         .arg(self.stream_key(*id, "events"))
@@ -262,7 +272,42 @@ impl Replicas {
                 }
             }
         }
+        for (id, events) in runs {
+            self.write_run(&mut pipe, id, &events);
+        }
         pipe
+    }
+
+    /// Write stream `id`'s pending events now (before an op that must follow them).
+    fn flush(
+        &self,
+        pipe: &mut redis::Pipeline,
+        runs: &mut Vec<(StreamId, Vec<(usize, &ByteString)>)>,
+        id: StreamId,
+    ) {
+        if let Some(at) = runs.iter().position(|(r, _)| *r == id) {
+            let (_, events) = runs.remove(at);
+            self.write_run(pipe, id, &events);
+        }
+    }
+
+    fn write_run(&self, pipe: &mut redis::Pipeline, id: StreamId, events: &[(usize, &ByteString)]) {
+        let Some(&(last, _)) = events.last() else { return };
+        let key = self.stream_key(id, "events");
+        let xadd = pipe.cmd("XADD").arg(&key).arg(format!("0-{last}"));
+        for (seq, data) in events {
+            xadd.arg(*seq).arg(&***data);
+        }
+        xadd.ignore();
+        if events.iter().any(|(_, data)| &***data == DONE) {
+            let finished = millis(self.config.retention.max(FINISHED_MIN));
+            let meta = self.stream_key(id, "meta");
+            pipe.cmd("HSET").arg(&meta).arg("done").arg(1).ignore();
+            pipe.cmd("PEXPIRE").arg(&meta).arg(finished).ignore();
+            pipe.cmd("PEXPIRE").arg(&key).arg(finished).ignore();
+        } else {
+            pipe.cmd("PEXPIRE").arg(&key).arg(self.running_ttl()).ignore();
+        }
     }
 
     /// Every second: renew this replica's heartbeat (which is also the health check).

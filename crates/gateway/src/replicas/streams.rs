@@ -1,5 +1,6 @@
 //! Streams any replica can resume. The replica running a generation copies its events (as
-//! rendered, in order) into a Redis stream with the entry id `0-SEQ`, beside a hash of what a
+//! rendered, in order) into a Redis stream — one entry per run of events the writer had queued,
+//! its id `0-SEQ` of the run's last event and one field per event (`SEQ` → data) — beside a hash of what a
 //! resume checks: the owner (the client identity), the version, the replica, whether events carry
 //! ids, and the error events to send if that replica goes away. A resume that finds nothing
 //! locally looks there and follows the stream with a blocking `XREAD` until `[DONE]`.
@@ -14,6 +15,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use actix_web_lab::sse::Event;
@@ -21,6 +23,7 @@ use bytestring::ByteString;
 use futures_core::Stream;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
+use prometheus::IntCounter;
 use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamRangeReply, StreamReadReply};
@@ -28,7 +31,7 @@ use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::http::client_identity::ClientKey;
-use crate::replicas::backend::{MirrorOp, Replicas, WRITE_BATCH, millis, owner_id};
+use crate::replicas::backend::{MAX_QUEUED_EVENTS, MirrorOp, Replicas, WRITE_BATCH, millis, owner_id};
 use crate::sse::{DONE, EventMirror, Replay, event};
 use crate::streams::{RemoteReaders, StreamId};
 
@@ -38,11 +41,20 @@ const READ_BLOCK: Duration = Duration::from_secs(1);
 struct Mirror {
     id: StreamId,
     writes: mpsc::UnboundedSender<MirrorOp>,
+    queued: Arc<AtomicUsize>,
+    dropped: IntCounter,
 }
 
 impl EventMirror for Mirror {
     fn append(&mut self, seq: usize, data: &ByteString) {
-        let _ = self.writes.send(MirrorOp::Event { id: self.id, seq, data: data.clone() });
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED_EVENTS {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.dropped.inc();
+            return;
+        }
+        if self.writes.send(MirrorOp::Event { id: self.id, seq, data: data.clone() }).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     fn cancelled(&mut self) {
@@ -93,7 +105,12 @@ impl Replicas {
         ];
         let chat = chat.map(|c| self.chat_key(owner, version, c));
         let _ = self.mirror.send(MirrorOp::Register { id, fields, chat });
-        replay.set_mirror(Box::new(Mirror { id, writes: self.mirror.clone() }));
+        replay.set_mirror(Box::new(Mirror {
+            id,
+            writes: self.mirror.clone(),
+            queued: Arc::clone(&self.queued),
+            dropped: self.errors.with_label_values(&["stream_write_dropped"]),
+        }));
     }
 
     /// Stream `id` of `owner` on `version`, if the shared store has it; `None` for an unknown id
@@ -248,15 +265,19 @@ impl Follower {
             .query_async(conn)
             .await
             .map_err(Lost::Redis)?;
-        let entries: Vec<(usize, ByteString)> = reply
+        // Each entry holds a run of events, one field per event (`SEQ` → data).
+        let mut entries: Vec<(usize, ByteString)> = reply
             .into_iter()
             .flat_map(|r| r.keys)
             .flat_map(|k| k.ids)
-            .filter_map(|e| {
-                let data: Vec<u8> = e.get("d")?;
-                Some((seq_of(&e.id)?, ByteString::try_from(data).ok()?))
+            .flat_map(|e| e.map.into_iter())
+            .filter_map(|(seq, data)| {
+                let data: Vec<u8> = redis::from_redis_value(data).ok()?;
+                Some((seq.parse().ok()?, ByteString::try_from(data).ok()?))
             })
+            .filter(|(seq, _)| *seq > self.last)
             .collect();
+        entries.sort_unstable_by_key(|(seq, _)| *seq);
         if let Some((seq, _)) = entries.last() {
             // Events the running replica could not write (Redis was down meanwhile) leave a gap:
             // end the stream as failed rather than skip them.
