@@ -317,6 +317,19 @@ impl Replay {
         }
     }
 
+    /// Drive the generation while no reader does (a grace period): `Ready` once it has ended or
+    /// a reader with a newer epoch than `epoch` attached; `Pending` while tokens are awaited.
+    pub fn drive_detached(&mut self, cx: &mut Context<'_>, epoch: u64) -> Poll<()> {
+        loop {
+            if self.epoch != epoch || self.finished.is_some() {
+                return Poll::Ready(());
+            }
+            if self.drive(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+
     /// Advance the generation by what is ready: `Ready` when events were appended or it ended,
     /// `Pending` (with `cx` woken later) when nothing is ready.
     fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -356,21 +369,6 @@ impl Replay {
                     self.report_tokens();
                     return Poll::Pending;
                 }
-            }
-        }
-    }
-}
-
-impl Replay {
-    /// Drive the generation while no reader does (a grace period): `Ready` once it has ended or
-    /// a reader with a newer epoch than `epoch` attached; `Pending` while tokens are awaited.
-    pub fn drive_detached(&mut self, cx: &mut Context<'_>, epoch: u64) -> Poll<()> {
-        loop {
-            if self.epoch != epoch || self.finished.is_some() {
-                return Poll::Ready(());
-            }
-            if self.drive(cx).is_pending() {
-                return Poll::Pending;
             }
         }
     }

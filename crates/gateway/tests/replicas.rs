@@ -54,8 +54,13 @@ fn stream_query(max_tokens: u32) -> String {
 async fn a_stream_started_on_one_replica_continues_on_another_after_a_reconnect() {
     let redis = RedisServer::start();
     // A grace period much shorter than the generation: replica A keeps generating only because
-    // replica B tells it (through Redis) that the stream is being read.
-    let (a, b) = replicas(&redis, &smollm2_v1(), &["--disconnect-grace-secs", "1"]);
+    // replica B tells it (through Redis) that the stream is being read. And a small quota on the
+    // `other` routes, which the end of the test spends across both replicas.
+    let (a, b) = replicas(
+        &redis,
+        &smollm2_v1(),
+        &["--disconnect-grace-secs", "1", "--rate-limit-rule", "other=4/min:4"],
+    );
     let whole: Value = client()
         .post(a.url("/api/v1/inference"))
         .send_json(&json!({"prompt": LONG, "chat": true, "max_tokens": 300, "temperature": 0}))
@@ -116,25 +121,35 @@ async fn a_stream_started_on_one_replica_continues_on_another_after_a_reconnect(
         let res = client().get(server.url(&uri)).insert_header(("last-event-id", done)).send().await.unwrap();
         assert_eq!(SseReader::new(res).rest().await, vec!["[DONE]"]);
     }
+
+    // The same two replicas hold one quota for the client: 4 requests spread over both pass,
+    // the 5th is refused whichever replica it reaches.
+    assert_one_quota_across(&a, &b).await;
+}
+
+/// With a 4-request quota on `/api/v1/models`: A, B, A, B pass (remaining 3, 2, 1, 0), then
+/// both refuse.
+async fn assert_one_quota_across(a: &Server, b: &Server) {
+    let mut remaining = Vec::new();
+    for server in [a, b, a, b] {
+        let res = client().get(server.url("/api/v1/models")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        remaining.push(res.headers().get("ratelimit-remaining").unwrap().to_str().unwrap().to_owned());
+    }
+    assert_eq!(remaining, ["3", "2", "1", "0"], "one quota, counted on both replicas");
+    for server in [a, b] {
+        let res = client().get(server.url("/api/v1/models")).send().await.unwrap();
+        assert_eq!(res.status(), 429, "the 5th request in the window is refused wherever it lands");
+        let retry: u64 = res.headers().get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
+        assert!((1..=15).contains(&retry), "retry after {retry} s");
+    }
 }
 
 #[actix_rt::test]
 async fn one_client_quota_holds_across_replicas() {
     let redis = RedisServer::start();
     let (a, b) = replicas(&redis, &tiny_v1(), &["--rate-limit", "4/min:4"]);
-    let mut remaining = Vec::new();
-    for server in [&a, &b, &a, &b] {
-        let res = client().get(server.url("/api/v1/models")).send().await.unwrap();
-        assert_eq!(res.status(), 200);
-        remaining.push(res.headers().get("ratelimit-remaining").unwrap().to_str().unwrap().to_owned());
-    }
-    assert_eq!(remaining, ["3", "2", "1", "0"], "one quota, counted on both replicas");
-    for server in [&a, &b] {
-        let res = client().get(server.url("/api/v1/models")).send().await.unwrap();
-        assert_eq!(res.status(), 429, "the 5th request in the window is refused wherever it lands");
-        let retry: u64 = res.headers().get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
-        assert!((1..=15).contains(&retry), "retry after {retry} s");
-    }
+    assert_one_quota_across(&a, &b).await;
     let keys: Vec<String> = redis.query(redis::cmd("KEYS").arg("streamgate:quota:*"));
     assert_eq!(keys, ["streamgate:quota:v1.other:4:7f000001"], "one key per scope and client");
 }
