@@ -7,6 +7,7 @@
 //! the first untrusted hop. IPv6 clients are keyed by their /64 (configurable), so one host cannot
 //! escape its quota by rotating addresses.
 
+use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::str::FromStr;
@@ -43,7 +44,7 @@ impl ClientKey {
                 let mut s = String::with_capacity(2 + 32);
                 s.push_str("k:");
                 for b in d {
-                    s.push_str(&format!("{b:02x}"));
+                    let _ = write!(s, "{b:02x}");
                 }
                 s
             }

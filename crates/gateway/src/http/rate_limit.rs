@@ -144,11 +144,13 @@ pub struct QuotaParams {
 
 /// A quota kept outside this process, shared by every replica (the Redis backend).
 pub trait SharedQuota: Send + Sync {
-    /// Check (and count) one request of `client` against the quota of `scope`; `None` when the
-    /// store cannot answer now (the caller then asks this replica's own limiter).
+    /// Check (and count) one request of `client` against the quota of (`scope`, `kind`) — the
+    /// same names on every replica; `None` when the store cannot answer now (the caller then
+    /// asks this replica's own limiter).
     fn check<'a>(
         &'a self,
         scope: &'a str,
+        kind: RouteKind,
         client: &'a ClientKey,
         quota: QuotaParams,
     ) -> futures_util::future::BoxFuture<'a, Option<Decision>>;
@@ -261,12 +263,12 @@ impl RateLimits {
 
     /// Check one request; `None` when that scope is not limited.
     pub fn check(&self, path: &str, key: &ClientKey) -> Option<Decision> {
-        self.limiter(path).map(|(_, l)| l.check(key))
+        self.limiter(path).map(|(_, _, l)| l.check(key))
     }
 
-    /// The quota a path is under: its scope's name (`VERSION.KIND`, the same on every replica)
-    /// and this replica's limiter for it; `None` when that scope is not limited.
-    pub fn limiter(&self, path: &str) -> Option<(String, &dyn KeyedLimiter)> {
+    /// The quota a path is under: its scope (a version, `openai` or `*`) and kind, and this
+    /// replica's limiter for it; `None` when that scope is not limited.
+    pub fn limiter(&self, path: &str) -> Option<(&str, RouteKind, &dyn KeyedLimiter)> {
         let (version, kind) = classify(path);
         let (scope, limiters) = match self.by_version.get_key_value(version) {
             Some(found) => found,
@@ -274,7 +276,7 @@ impl RateLimits {
         };
         let index = KINDS.iter().position(|k| *k == kind).unwrap_or(2);
         let limiter = limiters[index].as_deref()?;
-        Some((format!("{scope}.{}", kind.as_str()), limiter))
+        Some((scope.as_str(), kind, limiter))
     }
 
     /// Drop idle clients from every limiter (called on a timer).
@@ -386,9 +388,9 @@ impl ClientGate {
     /// Check one request of `key` on `path`: against the shared quota when there is one and it
     /// answers, else against this replica's own. `None` when the path is not limited.
     pub async fn check(&self, path: &str, key: &ClientKey) -> Option<Decision> {
-        let (scope, local) = self.limits.limiter(path)?;
+        let (scope, kind, local) = self.limits.limiter(path)?;
         if let Some(shared) = &self.shared {
-            if let Some(decision) = shared.check(&scope, key, local.quota()).await {
+            if let Some(decision) = shared.check(scope, kind, key, local.quota()).await {
                 return Some(decision);
             }
             self.fallbacks.inc();

@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 
 use crate::http::client_identity::ClientKey;
+use crate::http::paths::RouteKind;
 use crate::http::rate_limit::{Decision, QuotaParams, SharedQuota};
 use crate::replicas::backend::Replicas;
 
@@ -37,6 +38,7 @@ impl SharedQuota for Replicas {
     fn check<'a>(
         &'a self,
         scope: &'a str,
+        kind: RouteKind,
         client: &'a ClientKey,
         quota: QuotaParams,
     ) -> BoxFuture<'a, Option<Decision>> {
@@ -44,7 +46,7 @@ impl SharedQuota for Replicas {
             if !self.healthy() {
                 return None;
             }
-            let key = self.key(format_args!("quota:{scope}:{}", client.stable_id()));
+            let key = self.key(format_args!("quota:{scope}.{}:{}", kind.as_str(), client.stable_id()));
             let interval = u64::try_from(quota.interval.as_micros()).unwrap_or(u64::MAX).max(1);
             let (allowed, remaining, micros): (i64, i64, i64) = self
                 .run("quota", |mut conn| async move {
