@@ -34,6 +34,17 @@ fn serve(
     body: Vec<Vec<u8>>,
     connections: usize,
 ) -> (String, std::sync::mpsc::Receiver<String>) {
+    serve_gated(head, body, connections, None)
+}
+
+/// [`serve`], holding back everything after the first piece until `gate` fires (so a test can
+/// make sure the client has read the first event before the rest arrives).
+fn serve_gated(
+    head: &'static str,
+    body: Vec<Vec<u8>>,
+    connections: usize,
+    gate: Option<std::sync::mpsc::Receiver<()>>,
+) -> (String, std::sync::mpsc::Receiver<String>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}/v1", listener.local_addr().unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
@@ -67,7 +78,12 @@ fn serve(
             }
             let _ = tx.send(String::from_utf8_lossy(&request).into_owned());
             let _ = stream.write_all(head.as_bytes());
-            for piece in &body {
+            for (n, piece) in body.iter().enumerate() {
+                if n == 1
+                    && let Some(gate) = &gate
+                {
+                    let _ = gate.recv_timeout(Duration::from_secs(10));
+                }
                 if stream.write_all(piece).is_err() {
                     break;
                 }
@@ -97,7 +113,16 @@ fn chat_request() -> GenerationRequest {
 async fn run(
     engine: &UpstreamEngine,
 ) -> Result<(String, String, Option<(FinishReason, Usage)>, Option<String>), InferenceError> {
+    run_then(engine, || ()).await
+}
+
+/// [`run`], calling `started` once the stream is handed over (its first event has arrived).
+async fn run_then(
+    engine: &UpstreamEngine,
+    started: impl FnOnce(),
+) -> Result<(String, String, Option<(FinishReason, Usage)>, Option<String>), InferenceError> {
     let mut stream = engine.generate(chat_request()).await?;
+    started();
     let (mut text, mut reasoning, mut finish, mut error) = (String::new(), String::new(), None, None);
     let mut indices = Vec::new();
     while let Some(event) =
@@ -167,8 +192,13 @@ async fn broken_streams_end_with_an_error_not_a_panic() {
     for (what, rest, says) in cases {
         let mut body = vec![first.clone()];
         body.extend(pieces(&rest, 64 * 1024));
-        let (base, _) = serve(OK_HEAD, body, 1);
-        let (text, _, finish, error) = run(&engine(&[&base])).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (gate, gated) = std::sync::mpsc::channel();
+        let (base, _) = serve_gated(OK_HEAD, body, 1, Some(gated));
+        let (text, _, finish, error) = run_then(&engine(&[&base]), move || {
+            let _ = gate.send(());
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(text, "a", "{what}: the token before the failure was delivered");
         assert_eq!(finish, None, "{what}");
         assert!(error.as_deref().is_some_and(|e| e.contains(says)), "{what}: {error:?}");
@@ -226,6 +256,20 @@ async fn upstream_refusals_keep_their_meaning() {
             (status, other) => panic!("{status}: {other:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn refusals_of_one_request_do_not_take_the_url_out() {
+    let head = "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let n = streamgate_inference::upstream::BREAKER_FAILURES as usize + 1;
+    let (base, _) = serve(head, vec![Vec::new()], n);
+    let engine = engine(&[&base]);
+    for _ in 0..n {
+        let error = engine.generate(chat_request()).await.err();
+        assert!(matches!(error, Some(InferenceError::InvalidRequest(_))), "{error:?}");
+    }
+    assert!(engine.is_ready(), "a client's bad requests must not take the upstream out for everyone");
+    assert!(engine.upstreams()[0].errors.iter().any(|(k, c)| *k == "status" && *c == n as u64));
 }
 
 #[tokio::test]

@@ -113,8 +113,8 @@ impl Target {
         }
     }
 
-    /// Counted on failures after the first event too, without moving the breaker (the
-    /// URL answered: it works, the stream did not).
+    /// Counted without moving the breaker: a failure after the first event (the URL works, the
+    /// stream did not), or an answer that refuses this request only.
     fn count(&self, kind: FailureKind) {
         self.errors[kind as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -232,11 +232,14 @@ impl Shared {
             }
             match self.attempt(index, path, &body).await {
                 Ok(stream) => return Ok(stream),
-                Err(Failure { error, kind, retry }) => {
+                Err(Failure { error, kind, retry: false }) => {
+                    // The upstream answered (a 429, or a refusal of this request): counted, but
+                    // no reason to take the URL out for everyone.
+                    self.targets[index].count(kind);
+                    return Err(error);
+                }
+                Err(Failure { error, kind, retry: true }) => {
                     self.targets[index].failed(kind);
-                    if !retry {
-                        return Err(error);
-                    }
                     last = Some(error);
                 }
             }
