@@ -223,7 +223,10 @@ impl Shared {
     /// Try each available URL in order until one streams.
     async fn open(self: Arc<Self>, request: GenerationRequest) -> Result<TokenStream> {
         let (path, body) = openai::request_body(&request, &self.model);
-        let body = serde_json::to_vec(&body).map_err(|e| InferenceError::InvalidRequest(e.to_string()))?;
+        // Serialized once; each attempt shares the same bytes.
+        let body = bytes::Bytes::from(
+            serde_json::to_vec(&body).map_err(|e| InferenceError::InvalidRequest(e.to_string()))?,
+        );
         let now = Instant::now();
         let mut last = None;
         for index in 0..self.targets.len() {
@@ -254,7 +257,7 @@ impl Shared {
         self: &Arc<Self>,
         index: usize,
         path: &str,
-        body: &[u8],
+        body: &bytes::Bytes,
     ) -> Result<TokenStream, Failure> {
         let target = &self.targets[index];
         let url = &target.url;
@@ -278,7 +281,7 @@ impl Shared {
             .post(format!("{url}{path}"))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(reqwest::header::ACCEPT, "text/event-stream")
-            .body(body.to_vec());
+            .body(body.clone());
         if let Some(key) = &self.api_key {
             post = post.bearer_auth(key);
         }
