@@ -128,7 +128,8 @@ bench-engine: setup reference-model $(VENV)/.llama-cpp-installed ## one stream: 
 	  done; \
 	  target/release/engine-bench --model $(SMOLLM2) --ort $(ORT_LIB) --prompt "$$prompt" $$long --slots 8 --batch-invariant \
 	    >> target/bench/engine.jsonl; \
-	  $(PY) benches/python/llama_cpp_bench.py --gguf $(GGUF) --prompt "$$prompt" $$long >> target/bench/engine.jsonl; \
+	  $(PY) benches/python/llama_cpp_bench.py --gguf $(GGUF) --prompt "$$prompt" $$long >> target/bench/engine.jsonl \
+	    || echo "{\"impl\": \"llama.cpp\", \"model\": \"$(GGUF)\", \"error\": \"exit status $$?\"}" >> target/bench/engine.jsonl; \
 	done
 	$(PY) benches/python/engine_table.py < target/bench/engine.jsonl
 

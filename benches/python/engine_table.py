@@ -1,5 +1,9 @@
 """Tabulate `make bench-engine`: engine-bench (the fused default model and the fp32 graph) and
-llama_cpp_bench.py (llama.cpp on the same GGUF) JSON lines, as medians and ratios to llama.cpp."""
+llama_cpp_bench.py (llama.cpp on the same GGUF) JSON lines, as medians and ratios to llama.cpp.
+
+A round whose llama.cpp run failed (the Makefile writes `{"impl": "llama.cpp", "error": ...}`; seen: a
+segfault in llama_decode on some CPUs) is reported, not tabulated; with no llama.cpp run at all the
+table still prints the other engines and the script exits 1, since the comparison did not happen."""
 
 import json
 import statistics
@@ -7,10 +11,14 @@ import sys
 from collections import defaultdict
 
 rows = defaultdict(list)
+failures = []
 for line in sys.stdin:
     line = line.strip()
     if line.startswith("{"):
         r = json.loads(line)
+        if "error" in r:
+            failures.append(f"{r['impl']}: {r['error']}")
+            continue
         name = r["model"].rstrip("/").split("/")[-1]
         engine = "llama.cpp (GGUF)" if r["impl"] == "llama.cpp" else (
             "streamgate, fp32 graph" if name.endswith("-fp32") else
@@ -48,3 +56,10 @@ if base:
             print(f"| {engine} | {med(rs, 'decode_tok_s') / med(base, 'decode_tok_s'):.2f}x | "
                   f"{med(rs, 'prefill_tok_s') / med(base, 'prefill_tok_s'):.2f}x | "
                   f"{med(base, 'ttft_ms') / med(rs, 'ttft_ms'):.2f}x |")
+
+if failures:
+    print()
+    print(f"{len(failures)} run(s) failed and are not in the table: " + "; ".join(failures))
+    if not base:
+        print("no llama.cpp run succeeded: there is no ratio to llama.cpp on this machine", file=sys.stderr)
+        sys.exit(1)
