@@ -53,6 +53,45 @@ def test_length_finish_and_system_messages(client):
     assert completion.usage.completion_tokens == 3
 
 
+COUNT = "1, 2, 3, 4, 5, 6, 7,"
+
+
+def test_streaming_text_completion(client):
+    stream = client.completions.create(model="v1", prompt=COUNT, stream=True, max_tokens=6, temperature=0,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "text_completion" and c.model == "v1" for c in chunks)
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("cmpl-")
+    with_choices = [c for c in chunks if c.choices]
+    text = "".join(c.choices[0].text for c in with_choices)
+    assert text.startswith(" 8, 9"), text
+    assert with_choices[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 6 and not chunks[-1].choices
+
+
+def test_non_streaming_text_completion_matches_the_stream(client):
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="v1", prompt=COUNT, stream=True, max_tokens=6, temperature=0) if c.choices)
+    completion = client.completions.create(model="v1", prompt=COUNT, max_tokens=6, temperature=0)
+    assert completion.object == "text_completion"
+    assert completion.choices[0].text == streamed
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 6
+
+
+def test_text_completion_refuses_what_it_cannot_do(client):
+    for extra in ({"n": 2}, {"echo": True}, {"logprobs": 2}, {"suffix": "end"}):
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.completions.create(model="v1", prompt=COUNT, max_tokens=4, **extra)
+        assert refused.value.status_code in (400, 422), extra
+        assert refused.value.body["type"] == "invalid_request_error", extra
+    with pytest.raises(openai.APIStatusError) as listed:
+        client.completions.create(model="v1", prompt=[COUNT], max_tokens=4)
+    assert listed.value.status_code in (400, 422)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="v9", prompt=COUNT)
+
+
 def test_models_list(client):
     ids = [m.id for m in client.models.list()]
     assert ids == ["v1", "v2"]

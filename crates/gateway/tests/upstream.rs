@@ -56,6 +56,38 @@ async fn sse(
     all[..all.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect()
 }
 
+/// A raw prompt (not a conversation) goes to the upstream's `/completions`: streamgate serves
+/// that too, with the same greedy text as its native route.
+#[actix_rt::test]
+async fn a_raw_prompt_through_the_front_is_a_text_completion_upstream() {
+    let up = upstream(format!("v1={}", tiny_model().display()), &[]);
+    let gw = front(&[up.url("/v1")], &[]);
+    let raw = json!({"prompt": PROMPT, "max_tokens": 12, "temperature": 0});
+    let direct = sse(client().post(up.url("/api/v1/inference/stream")).send_json(&raw).await.unwrap()).await;
+    let expected: String = direct.iter().filter_map(|e| e["text"].as_str()).collect();
+    assert!(!expected.is_empty());
+    let completion_tokens = &direct.last().unwrap()["usage"]["completion_tokens"];
+
+    let completions = sse(client()
+        .post(up.url("/v1/completions"))
+        .send_json(
+            &json!({"model": "v1", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "stream": true,
+            "stream_options": {"include_usage": true}}),
+        )
+        .await
+        .unwrap())
+    .await;
+    assert!(completions.iter().all(|c| c["object"] == "text_completion"), "{completions:?}");
+    let text: String = completions.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(text, expected, "the upstream's /v1/completions");
+    assert_eq!(&completions.last().unwrap()["usage"]["completion_tokens"], completion_tokens);
+
+    let through = sse(client().post(gw.url("/api/v1/inference/stream")).send_json(&raw).await.unwrap()).await;
+    let text: String = through.iter().filter_map(|e| e["text"].as_str()).collect();
+    assert_eq!(text, expected, "a raw prompt through the front");
+    assert_eq!(&through.last().unwrap()["usage"]["completion_tokens"], completion_tokens);
+}
+
 #[actix_rt::test]
 async fn greedy_text_through_the_front_equals_the_upstream_on_every_route() {
     let up = upstream(format!("v1={}", tiny_model().display()), &[]);

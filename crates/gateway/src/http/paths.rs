@@ -98,6 +98,7 @@ pub const ROUTES: &[RouteSpec] = &[
     route("/api/{version}/chat/{chat_id}/stream", "GET", RouteKind::Stream, Scope::Version),
     route("/api/{version}/streams/{id}", "GET", RouteKind::Stream, Scope::Version),
     route("/v1/chat/completions", "POST", RouteKind::Stream, Scope::OpenAi),
+    route("/v1/completions", "POST", RouteKind::Stream, Scope::OpenAi),
     route("/v1/models", "GET", RouteKind::Other, Scope::Global),
 ];
 

@@ -1,5 +1,5 @@
 //! OpenAI-compatible API: `POST /v1/chat/completions` (streamed `chat.completion.chunk`s or one
-//! `chat.completion`) and `GET /v1/models`. The `model` is a configured version name (`v1`).
+//! `chat.completion`) and `GET /v1/models` (text completions: [`super::completions`]). The `model` is a configured version name (`v1`).
 //! Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -164,7 +164,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/v1/models").route(web::get().to(list_models)));
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -238,12 +238,20 @@ pub async fn chat_completions(
     Ok(generation.stream(&state, format, &req, started).await?)
 }
 
-fn usage_json(usage: Usage) -> serde_json::Value {
+pub(crate) fn usage_json(usage: Usage) -> serde_json::Value {
     json!({
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
     })
+}
+
+/// OpenAI's name for why a generation ended.
+pub(crate) fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
 }
 
 /// `chat.completion.chunk` events: the role first, content deltas, the finish reason, usage if asked.
@@ -300,10 +308,7 @@ impl EventFormat for ChunkFormat {
     }
 
     fn finish(&mut self, reason: FinishReason, usage: Usage) -> Vec<String> {
-        let reason = match reason {
-            FinishReason::Length => "length",
-            FinishReason::Stop | FinishReason::Cancelled => "stop",
-        };
+        let reason = finish_reason(reason);
         let mut out: Vec<String> =
             self.chunk(json!([{"index": 0, "delta": {}, "finish_reason": reason}])).into_iter().collect();
         if self.include_usage {

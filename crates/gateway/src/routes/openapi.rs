@@ -10,7 +10,7 @@ use utoipa::OpenApi;
 
 use crate::error::{ErrorBody, ErrorCode, ErrorDetail};
 use crate::http::paths::resource;
-use crate::protocols::{ai_sdk, native, openai, wire};
+use crate::protocols::{ai_sdk, completions, native, openai, wire};
 use crate::routes::{health, models, streams};
 use crate::settings::Settings;
 use crate::state::AppState;
@@ -22,18 +22,18 @@ use crate::state::AppState;
     paths(
         native::stream_post, native::stream_get, native::complete,
         models::list, models::describe, health::live, health::ready,
-        ai_sdk::chat, ai_sdk::resume_chat, openai::chat_completions, openai::list_models, streams::resume_stream,
+        ai_sdk::chat, ai_sdk::resume_chat, openai::chat_completions, completions::completions, openai::list_models, streams::resume_stream,
     ),
     components(schemas(
         ErrorBody, ErrorDetail, ErrorCode, native::InferenceRequest, native::InferenceResponse,
         native::TokenEventSchema, native::FinishEventSchema, native::UsageSchema, native::NativeEvent, wire::Stop, models::ModelDescription, health::HealthStatus, health::UpstreamHealth,
         ai_sdk::UiChatRequest, ai_sdk::UiMessage, ai_sdk::UiPart, ai_sdk::UiStreamPart,
         openai::ChatCompletion, openai::ChatCompletionChunk, openai::ChatStreamEvent,
-        openai::ChatCompletionRequest, openai::ChatMessageIn, openai::MessageContent, openai::ContentPart, openai::StreamOptions,
+        openai::ChatCompletionRequest, completions::CompletionRequest, completions::TextCompletion, openai::ChatMessageIn, openai::MessageContent, openai::ContentPart, openai::StreamOptions,
     )),
     tags((name = "inference", description = "Generate text"), (name = "models"), (name = "health"),
         (name = "ai-sdk", description = "The AI SDK UI message stream protocol (useChat)"),
-        (name = "openai", description = "OpenAI-compatible chat completions"))
+        (name = "openai", description = "OpenAI-compatible chat and text completions"))
 )]
 pub struct ApiDoc;
 
@@ -69,10 +69,10 @@ pub fn document(settings: &Settings, versions: &[&str]) -> Value {
                 }
             }
         }
-        if let Some(model) =
-            schemas.get_mut("ChatCompletionRequest").and_then(|s| s.pointer_mut("/properties/model"))
-        {
-            model["enum"] = json!(versions);
+        for request in ["ChatCompletionRequest", "CompletionRequest"] {
+            if let Some(model) = schemas.get_mut(request).and_then(|s| s.pointer_mut("/properties/model")) {
+                model["enum"] = json!(versions);
+            }
         }
     }
     let keys_on = settings.api_keys_file.is_some() || settings.api_keys.iter().any(|k| !k.trim().is_empty());
