@@ -9,7 +9,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use streamgate_inference::{FinishReason, SamplingParams, Usage};
+use streamgate_inference::{FinishReason, Usage};
 use utoipa::ToSchema;
 use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
@@ -17,7 +17,7 @@ use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use crate::error::{ApiError, ErrorStyle};
 use crate::generation::{GenerationInput, PromptInput, ValidGeneration};
 use crate::http::paths::resource;
-use crate::protocols::openai::{OpenAiError, StreamOptions, finish_reason, unix_now, usage_json};
+use crate::protocols::openai::{OpenAiError, StreamOptions, finish_reason, sampling, unix_now, usage_json};
 use crate::protocols::wire::{self, BodyGenerationErrors, Stop};
 use crate::sse::EventFormat;
 use crate::state::AppState;
@@ -127,13 +127,7 @@ pub async fn completions(
     let input = GenerationInput {
         prompt: PromptInput::Text(body.prompt),
         max_tokens: body.max_tokens,
-        sampling: SamplingParams {
-            temperature: body.temperature.unwrap_or(1.0),
-            top_p: body.top_p.unwrap_or(1.0),
-            top_k: 0,
-            repetition_penalty: 1.0,
-            seed: body.seed,
-        },
+        sampling: sampling(body.temperature, body.top_p, body.seed),
         stop: Stop::into_vec(body.stop),
     };
     let generation = ValidGeneration::new(&state, &body.model, input, &req)?;

@@ -209,13 +209,7 @@ pub async fn chat_completions(
             body.messages.into_iter().map(|m| (m.role, content_text(m.content))).collect(),
         ),
         max_tokens,
-        sampling: SamplingParams {
-            temperature: body.temperature.unwrap_or(1.0),
-            top_p: body.top_p.unwrap_or(1.0),
-            top_k: 0,
-            repetition_penalty: 1.0,
-            seed: body.seed,
-        },
+        sampling: sampling(body.temperature, body.top_p, body.seed),
         stop: Stop::into_vec(body.stop),
     };
     let generation = ValidGeneration::new(&state, &body.model, input, &req)?;
@@ -236,6 +230,17 @@ pub async fn chat_completions(
         include_usage: body.stream_options.is_some_and(|o| o.include_usage),
     };
     Ok(generation.stream(&state, format, &req, started).await?)
+}
+
+/// OpenAI's sampling fields with OpenAI's defaults (temperature 1, top_p 1; no top-k or penalty).
+pub(crate) fn sampling(temperature: Option<f64>, top_p: Option<f64>, seed: Option<u64>) -> SamplingParams {
+    SamplingParams {
+        temperature: temperature.unwrap_or(1.0),
+        top_p: top_p.unwrap_or(1.0),
+        top_k: 0,
+        repetition_penalty: 1.0,
+        seed,
+    }
 }
 
 pub(crate) fn usage_json(usage: Usage) -> serde_json::Value {
