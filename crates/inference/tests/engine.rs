@@ -332,6 +332,30 @@ async fn concurrent_prompts_get_exactly_their_solo_tokens() {
     }
 }
 
+/// A lone stream decodes in the one-row staging buffers; when a second prompt arrives its positions
+/// move to its pool row mid-generation. Both still get exactly the tokens they get alone.
+#[tokio::test]
+async fn a_lone_stream_joined_mid_generation_keeps_its_solo_tokens() {
+    let dir = tiny_fused_model_dir();
+    let (first, second) = ("Once upon a time, in a land far away, there lived", "The quick brown fox");
+    let solo = engine_with(&dir, 1, 8, 512);
+    let first_alone = text_and_ids(&generate(&solo, request(first, 40)).await).1;
+    let second_alone = text_and_ids(&generate(&solo, request(second, 20)).await).1;
+
+    let engine = engine_with(&dir, 4, 8, 512);
+    let mut a = engine.generate(request(first, 40)).await.expect("a");
+    let mut head = Vec::new();
+    for _ in 0..5 {
+        head.push(a.next().await.expect("a token").expect("no error"));
+    }
+    let b = engine.generate(request(second, 20)).await.expect("b");
+    let (rest, b_events) = futures_util::future::join(collect(a), collect(b)).await;
+    head.extend(rest);
+    assert_eq!(text_and_ids(&head).1, first_alone, "the stream that was joined");
+    assert_eq!(text_and_ids(&b_events).1, second_alone, "the stream that joined");
+    assert!(engine.stats().peak_batch_size >= 2, "they never decoded together: {:?}", engine.stats());
+}
+
 /// A client that leaves gives its KV slot to the next queued request at the next step. On the real
 /// model (seconds per long generation), so that "A still runs" does not depend on timing.
 #[tokio::test]
