@@ -133,14 +133,18 @@ def main() -> None:
     ap.add_argument("--layout", choices=["fused", "optimum"], default="fused")
     ap.add_argument("--accuracy-level", type=int, default=4, choices=[1, 4],
                     help="MatMulNBits accuracy_level for the fused layout: 4 = int8 activations, 1 = fp32")
-    ap.add_argument("--q4-residual", choices=["exact", "none"], default="exact",
-                    help="keep Q4_1's per-block residual (exact) or drop it (fused layout)")
+    ap.add_argument("--q4-residual", choices=["exact", "none", "folded"], default="exact",
+                    help="fused layout: Q4_1's per-block residual as its own fp32 term (exact), inside the "
+                         "projection's MatMulNBits as two 4-bit digits (folded), or dropped (none)")
     ap.add_argument("--bits", type=int, choices=[4, 8], default=4,
                     help="fused layout: 4 = the GGUF's 4-bit blocks plus residual, 8 = re-encoded as 8-bit codes")
     ap.add_argument("--fp32-mlp-layers", type=int, default=1,
                     help="fused layout: the MLP projections of this many last layers take fp32 activations")
     ap.add_argument("--rescore-top", type=int, default=16,
                     help="fused layout: re-score the lm_head's best N candidates in fp32 (0: off)")
+    ap.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=8,
+                    help="fused layout: 8 = the GGUF's Q8_0 lm_head as stored; 4 = a 4-bit copy picks the "
+                         "--rescore-top candidates, the 8-bit rows score them")
     args = ap.parse_args()
 
     reader = GGUFReader(str(args.gguf))
@@ -152,9 +156,10 @@ def main() -> None:
     if args.layout == "fused":
         weights = read_blocks(reader, cfg)
         model = build_fused_model(cfg, weights, producer="streamgate gguf_to_onnx (fused)",
-                                  accuracy_level=args.accuracy_level, exact_q4=args.q4_residual == "exact",
+                                  accuracy_level=args.accuracy_level, exact_q4=args.q4_residual != "none",
+                                  fold=args.q4_residual == "folded",
                                   bits=args.bits, rescore_top=args.rescore_top,
-                                  fp32_mlp_layers=args.fp32_mlp_layers)
+                                  fp32_mlp_layers=args.fp32_mlp_layers, lm_head_bits=args.lm_head_bits)
     else:
         weights = read_weights(reader, cfg)
         model = build_model(cfg, weights, producer="streamgate gguf_to_onnx")
