@@ -333,7 +333,8 @@ async fn concurrent_prompts_get_exactly_their_solo_tokens() {
 }
 
 /// A lone stream decodes in the one-row staging buffers; when a second prompt arrives its positions
-/// move to its pool row mid-generation. Both still get exactly the tokens they get alone.
+/// move to its pool row mid-generation, and back to staging when the second one has finished (it
+/// asks for fewer tokens). Both still get exactly the tokens they get alone.
 #[tokio::test]
 async fn a_lone_stream_joined_mid_generation_keeps_its_solo_tokens() {
     let dir = tiny_fused_model_dir();

@@ -16,13 +16,14 @@
 //! [`IoBinding`]:
 //! - the **pool**, `[slots, ...]`: every decoding sequence owns one row. A decode step runs all
 //!   decoding sequences in one pass (`slots` says which rows; idle rows cost one position of
-//!   attention); nothing moves when a sequence joins or leaves.
+//!   attention); no row is re-packed when a sequence joins or leaves.
 //! - the **staging** row, `[1, ...]`: prompts run here, one chunk per call, because
 //!   GroupQueryAttention takes a prompt chunk with a past only for a single row. Before the
 //!   sequence's first decode step with others its positions are copied into its pool row (once
-//!   per prompt). A sequence that starts decoding alone keeps decoding in staging until another
-//!   prompt needs it or another sequence decodes with it: a one-row step skips the per-row cost
-//!   every idle pool row adds to attention (a lone stream in a 16-row pool: 1.1-1.45x per step).
+//!   per prompt). A sequence that decodes alone does so in staging — from its first step, or
+//!   copied back once the others have finished — until another prompt needs staging or another
+//!   sequence decodes with it: a one-row step skips the per-row cost every idle pool row adds to
+//!   attention (a lone stream in a 16-row pool: 1.1-1.45x per step).
 //!
 //! A finished sequence's positions go to the [`PrefixCache`]; a new prompt that starts with the
 //! same tokens gets them copied into staging and runs only the rest.
@@ -246,6 +247,23 @@ impl FusedModel {
             return Err(InferenceError::Runtime("a decode step needs one token per sequence".into()));
         }
         if let [cache] = caches
+            && self.staged.is_none()
+            && self.padding_row.is_none()
+        {
+            // Alone again (the others finished): back into staging, one copy, for one-row steps.
+            copy_positions(
+                &self.pool.kv,
+                cache.slot,
+                &mut self.staging.kv,
+                0,
+                cache.len,
+                self.slot_len,
+                &self.shape,
+            )?;
+            self.staged = Some(cache.slot);
+            self.staged_decoding = Some(cache.len);
+        }
+        if let [cache] = caches
             && self.staged == Some(cache.slot)
             && self.padding_row.is_none()
         {
@@ -326,20 +344,7 @@ impl FusedModel {
 
     /// Move the staged sequence's `len` positions into its pool row `slot`.
     fn commit_staging(&mut self, slot: usize, len: usize) -> Result<()> {
-        let (rows, kv_heads, head_dim) = (self.slot_len, self.shape.kv_heads, self.shape.head_dim);
-        let span = len * head_dim;
-        for (src, dst) in self.staging.kv.iter().zip(self.pool.kv.iter_mut()) {
-            let src = src.extract_tensor().1;
-            let dst = dst.extract_tensor_mut().1;
-            for head in 0..kv_heads {
-                let from = head * rows * head_dim;
-                let to = (slot * kv_heads + head) * rows * head_dim;
-                let (Some(s), Some(d)) = (src.get(from..from + span), dst.get_mut(to..to + span)) else {
-                    return Err(InferenceError::Runtime("a cache copy fell outside its buffer".into()));
-                };
-                d.copy_from_slice(s);
-            }
-        }
+        copy_positions(&self.staging.kv, 0, &mut self.pool.kv, slot, len, self.slot_len, &self.shape)?;
         self.staged = None;
         self.staged_decoding = None;
         Ok(())
@@ -433,6 +438,34 @@ impl Buffers {
         }
         Ok(())
     }
+}
+
+/// Copy the first `len` positions of row `from_row` of one set of KV buffers into row `to_row` of
+/// another (staging and pool rows have the same `[kv_heads, slot_len, head_dim]` layout).
+fn copy_positions(
+    src: &[Tensor<f32>],
+    from_row: usize,
+    dst: &mut [Tensor<f32>],
+    to_row: usize,
+    len: usize,
+    slot_len: usize,
+    shape: &ModelShape,
+) -> Result<()> {
+    let (kv_heads, head_dim) = (shape.kv_heads, shape.head_dim);
+    let span = len * head_dim;
+    for (src, dst) in src.iter().zip(dst.iter_mut()) {
+        let src = src.extract_tensor().1;
+        let dst = dst.extract_tensor_mut().1;
+        for head in 0..kv_heads {
+            let from = (from_row * kv_heads + head) * slot_len * head_dim;
+            let to = (to_row * kv_heads + head) * slot_len * head_dim;
+            let (Some(s), Some(d)) = (src.get(from..from + span), dst.get_mut(to..to + span)) else {
+                return Err(InferenceError::Runtime("a cache copy fell outside its buffer".into()));
+            };
+            d.copy_from_slice(s);
+        }
+    }
+    Ok(())
 }
 
 /// Refuse a pool (its rows plus staging) larger than the machine's memory: allocating it would
