@@ -247,27 +247,16 @@ impl FusedModel {
             return Err(InferenceError::Runtime("a decode step needs one token per sequence".into()));
         }
         if let [cache] = caches
-            && self.staged.is_none()
             && self.padding_row.is_none()
+            && self.staged.is_none_or(|slot| slot == cache.slot)
         {
-            // Alone again (the others finished): back into staging, one copy, for one-row steps.
-            copy_positions(
-                &self.pool.kv,
-                cache.slot,
-                &mut self.staging.kv,
-                0,
-                cache.len,
-                self.slot_len,
-                &self.shape,
-            )?;
-            self.staged = Some(cache.slot);
-            self.staged_decoding = Some(cache.len);
-        }
-        if let [cache] = caches
-            && self.staged == Some(cache.slot)
-            && self.padding_row.is_none()
-        {
-            // Alone: a one-row step in staging (the same per-row arithmetic as a pool step).
+            // Alone: a one-row step in staging (the same per-row arithmetic as a pool step). A
+            // sequence left alone by others that finished goes back there first, one copy.
+            if self.staged.is_none() {
+                let (pool, staging) = (&self.pool.kv, &mut self.staging.kv);
+                copy_positions(pool, cache.slot, staging, 0, cache.len, self.slot_len, &self.shape)?;
+                self.staged = Some(cache.slot);
+            }
             self.prefill(ids, cache)?;
             self.staged_decoding = Some(cache.len);
             return Ok(self.staging_logits.extract_tensor_mut().1);
