@@ -5,7 +5,7 @@
 # Every server is pinned to core 0 and the load generator to core 1 with taskset, so all servers
 # get the same single core; `concurrency-2cores` repeats the 10,000-stream run with two HTTP
 # workers per server and nothing pinned; `state` compares `--state memory` with Redis (a local
-# redis-server); `proxy` puts a second streamgate in front of one as its OpenAI-compatible upstream. Results: target/bench/*.json and *.svg; a table with ratios is printed at the end.
+# redis-server); `two-models` runs two model versions at once with ONNX Runtime's threads spinning and sleeping; `proxy` puts a second streamgate in front of one as its OpenAI-compatible upstream. Results: target/bench/*.json and *.svg; a table with ratios is printed at the end.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -106,6 +106,27 @@ if [[ $scenario == all || $scenario == batching ]]; then
   "$bin/batching-bench" --url http://127.0.0.1:18250 --model .cache/models/smollm2-135m-instruct \
     --text tests/data/quality_text.txt --svg "$out/batching.svg" > "$out/batching.json"
   stop "$pid"
+fi
+if [[ $scenario == all || $scenario == two-models ]]; then
+  echo "== 5b. two model versions on the same cores (v1 and v2, both SmolLM2), 4 streams on each at once: ONNX Runtime's threads spinning (--ort-spinning on) vs sleeping (off, what auto picks here)"
+  for round in 1 2; do
+    for spin in on off; do
+      "$bin/streamgate" --port 18255 --max-active-sequences 8 --queue-capacity 64 --rate-limit off --max-streams-per-client 0 \
+        --model v1=.cache/models/smollm2-135m-instruct --model v2=.cache/models/smollm2-135m-instruct \
+        --ort-spinning "$spin" > "$out/two-models-$spin.log" 2>&1 &
+      pid=$!; pids+=("$pid"); wait_port 18255
+      loads=()
+      for v in v1 v2; do
+        "$bin/streamgate-bench" --url http://127.0.0.1:18255 --version "$v" --server-pid "$pid" --quiet --threads 1 \
+          --label "two-models-$spin$round-$v" --json "$out/two-models-$spin$round-$v.json" --concurrency 4 \
+          --duration-secs 20 --max-tokens 64 --prompt "Write a short poem about the sea." \
+          --prompt "Count from 1 to 300, separated by commas." --prompt "Explain what a KV cache is." &
+        loads+=("$!")
+      done
+      wait "${loads[@]}"
+      stop "$pid"
+    done
+  done
 fi
 if [[ $scenario == all || $scenario == resume ]]; then
   echo "== 6. resumable streams, on (the default) vs off: the scenario-1 load (CPU per event) and 10,000 open streams (memory)"

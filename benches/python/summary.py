@@ -51,6 +51,12 @@ on, off = runs.get("resume-on-memory"), runs.get("resume-off-memory")
 if on and off and on.get("server_kib_per_open_stream") and off.get("server_kib_per_open_stream"):
     print(f"- resume: server memory per open stream on/off = {on['server_kib_per_open_stream']:.1f} / "
           f"{off['server_kib_per_open_stream']:.1f} KiB")
+for spin in ("on", "off"):
+    totals = [sum(runs[f"two-models-{spin}{r}-{v}"]["events_per_s"] for v in ("v1", "v2"))
+              for r in (1, 2) if all(f"two-models-{spin}{r}-{v}" in runs for v in ("v1", "v2"))]
+    if totals:
+        print(f"- two models at once, --ort-spinning {spin}: " + ", ".join(f"{t:.1f}" for t in totals)
+              + " tokens/s in all (v1 + v2)")
 mem, red = runs.get("state-memory-cpu"), runs.get("state-redis-cpu")
 if mem and red and mem.get("server_cpu_us_per_event") and red.get("server_cpu_us_per_event"):
     redis_file = out / "state-redis-cpu.redis"

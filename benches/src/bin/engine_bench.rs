@@ -44,6 +44,10 @@ struct Args {
     /// The gateway's --batch-invariant (a lone stream decodes with a padding row).
     #[arg(long)]
     batch_invariant: bool,
+    /// ONNX Runtime's intra-op threads sleep between runs instead of spinning (the gateway's
+    /// `--ort-spinning off`).
+    #[arg(long)]
+    no_spinning: bool,
 }
 
 /// One greedy generation: (time to first token, decode tokens/s after it, tokens).
@@ -89,6 +93,7 @@ fn main() -> Result<(), AnyError> {
     let args = Args::parse();
     let engine = OnnxEngine::start(&EngineConfig {
         intra_threads: args.threads,
+        spinning: !args.no_spinning,
         max_active: args.slots,
         // Every run repeats the prompt: reuse would measure a copy, not prompt processing.
         prefix_cache_mb: 0,
@@ -109,7 +114,7 @@ fn main() -> Result<(), AnyError> {
         let mut record = serde_json::json!({
             "impl": "rust", "model": args.model.display().to_string(), "run": run,
             "ttft_ms": ttft * 1e3, "tokens": tokens, "decode_tok_s": decode,
-            "slots": args.slots, "batch_invariant": args.batch_invariant,
+            "slots": args.slots, "batch_invariant": args.batch_invariant, "spinning": !args.no_spinning,
         });
         if let Some((prompt, count)) = &long {
             let (long_ttft, long_decode, _) = runtime.block_on(measure(&engine, prompt, 64))?;

@@ -53,6 +53,7 @@ pub fn load_models(settings: &Settings, logger: &Logger) -> Result<ModelRegistry
             model_dir: dir.clone(),
             ort_dylib_path: settings.ort_dylib_path.clone(),
             intra_threads: settings.intra_threads_or_cores(),
+            spinning: settings.ort_spinning_enabled(),
             max_active: settings.max_active_sequences,
             queue_capacity: settings.queue_capacity,
             prefill_chunk: settings.prefill_chunk,
@@ -66,7 +67,7 @@ pub fn load_models(settings: &Settings, logger: &Logger) -> Result<ModelRegistry
         info!(logger, "model loaded";
             "version" => &spec.version, "name" => &info.name, "path" => info.path.display().to_string(),
             "context_length" => info.context_length, "vocab_size" => info.vocab_size, "layout" => info.layout,
-            "load_ms" => started.elapsed().as_millis() as u64);
+            "ort_spinning" => settings.ort_spinning_enabled(), "load_ms" => started.elapsed().as_millis() as u64);
         registry.insert(spec.version.clone(), Arc::new(engine) as Arc<dyn Generator>);
     }
     Ok(registry)

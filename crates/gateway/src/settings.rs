@@ -79,6 +79,16 @@ pub enum EngineKind {
     Mock,
 }
 
+/// Whether ONNX Runtime's intra-op threads spin for work between runs (`--ort-spinning`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Spinning {
+    /// On when this process runs one model folder, off when it runs several: spinning threads of
+    /// one model take the cores another is computing on.
+    Auto,
+    On,
+    Off,
+}
+
 /// Log levels accepted by `--log-level`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogLevel {
@@ -133,6 +143,13 @@ pub struct Settings {
     /// ONNX Runtime intra-op threads per model (0 = the machine's cores).
     #[arg(long, env = "STREAMGATE_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
+
+    /// Whether those threads spin between runs (ONNX Runtime's default) or sleep. Spinning starts
+    /// a lone model's next step a little sooner for more CPU; two models spinning on the same
+    /// cores slow each other down (docs/benchmarks.md). `auto`: on with one model folder, off with
+    /// several.
+    #[arg(long, env = "STREAMGATE_ORT_SPINNING", value_enum, default_value_t = Spinning::Auto)]
+    pub ort_spinning: Spinning,
 
     /// Generations decoded together per model: the KV pool's slots. Each decode step advances all
     /// of them in one forward pass.
@@ -443,6 +460,17 @@ impl Settings {
         if self.intra_threads > 0 { self.intra_threads } else { available_cores() }
     }
 
+    /// `--ort-spinning` resolved: `auto` spins only when one model folder is loaded.
+    pub fn ort_spinning_enabled(&self) -> bool {
+        match self.ort_spinning {
+            Spinning::On => true,
+            Spinning::Off => false,
+            Spinning::Auto => {
+                self.models.iter().filter(|m| matches!(m.source, ModelSource::Folder(_))).count() <= 1
+            }
+        }
+    }
+
     pub fn http_workers_or_cores(&self) -> usize {
         if self.http_workers > 0 { self.http_workers } else { available_cores() }
     }
@@ -490,6 +518,20 @@ mod tests {
             parse(&["--model", "v3=openai+http://gpu/v1?model=m&api_key_env=STREAMGATE_TEST_SURELY_UNSET"])
                 .unwrap_or_else(|e| unreachable!("{e}"));
         assert!(unset.validate().is_err_and(|e| e.message.contains("STREAMGATE_TEST_SURELY_UNSET")));
+    }
+
+    #[test]
+    fn spinning_is_on_for_one_model_folder_and_off_for_several() {
+        let spins = |args: &[&str]| {
+            parse(args).map(|s| s.ort_spinning_enabled()).unwrap_or_else(|e| unreachable!("{e}"))
+        };
+        assert!(spins(&["--model", "v1=models/a"]));
+        assert!(!spins(&["--model", "v1=models/a", "--model", "v2=models/b"]));
+        // A remote upstream runs no ONNX Runtime threads here.
+        assert!(spins(&["--model", "v1=models/a", "--model", "v2=openai+http://gpu/v1?model=m"]));
+        assert!(spins(&["--model", "v1=models/a", "--model", "v2=models/b", "--ort-spinning", "on"]));
+        assert!(!spins(&["--model", "v1=models/a", "--ort-spinning", "off"]));
+        assert!(parse(&["--ort-spinning", "sometimes"]).is_err());
     }
 
     #[test]

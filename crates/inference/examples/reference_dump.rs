@@ -58,7 +58,7 @@ fn main() -> Result<(), AnyError> {
             prefix_cache_bytes: 0,
             batch_invariant: false,
         };
-        let options = SessionOptions { intra_threads: input.threads, pool };
+        let options = SessionOptions { intra_threads: input.threads, spinning: true, pool };
         let mut model = DecoderModel::load(&env, &files, &options)?;
         let mut cache = model.new_cache()?.ok_or("no free KV slot")?;
         model.prefill(&prompt_ids, &mut cache)?.to_vec()

@@ -51,6 +51,12 @@ pub struct EngineConfig {
     pub ort_dylib_path: PathBuf,
     /// ONNX Runtime intra-op threads.
     pub intra_threads: usize,
+    /// Whether the intra-op threads spin between runs (ONNX Runtime's default). A lone model's
+    /// next step then starts a little sooner (measured: ~7 % more tokens/s for one stream, for ~25 %
+    /// more CPU); several models sharing the same cores must not spin, or each one's idle threads
+    /// take the cores the other is computing on (measured: two models decoding at once gave 30-35 %
+    /// fewer tokens/s in all when spinning; docs/benchmarks.md).
+    pub spinning: bool,
     /// Sequences decoded together (the KV pool's rows).
     pub max_active: usize,
     /// Requests that may wait for a free slot before new ones get `Overloaded`.
@@ -79,6 +85,7 @@ impl EngineConfig {
             model_dir,
             ort_dylib_path,
             intra_threads: 1,
+            spinning: true,
             max_active: 1,
             queue_capacity: 1,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
@@ -163,6 +170,7 @@ impl OnnxEngine {
         let max_active = config.max_active.max(1);
         let options = SessionOptions {
             intra_threads: config.intra_threads,
+            spinning: config.spinning,
             pool: PoolOptions {
                 slots: max_active,
                 slot_len: context_length,

@@ -42,7 +42,7 @@ fn check_kv_cache_matches_full_recomputation(model_dir: &std::path::Path, layout
     let mut ids = tok.encode(PROMPT).expect("encode");
     let pool =
         PoolOptions { slots: 2, slot_len: ids.len() + 12, prefix_cache_bytes: 0, batch_invariant: false };
-    let options = SessionOptions { intra_threads: 1, pool };
+    let options = SessionOptions { intra_threads: 1, spinning: false, pool };
     let mut model = DecoderModel::load(&env, &files, &options).expect("model");
     assert_eq!(model.layout(), layout);
     let new_cache = |model: &mut DecoderModel| model.new_cache().expect("cache").expect("a free slot");

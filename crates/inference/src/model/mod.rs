@@ -49,6 +49,9 @@ impl Layout {
 pub struct SessionOptions {
     /// ONNX Runtime intra-op threads for this session.
     pub intra_threads: usize,
+    /// Whether those threads spin for work between runs (ONNX Runtime's default) instead of
+    /// sleeping: see [`crate::EngineConfig::spinning`].
+    pub spinning: bool,
     /// The fused layout's KV pool (the Optimum layout allocates per sequence).
     pub pool: fused::PoolOptions,
 }
@@ -90,6 +93,8 @@ impl DecoderModel {
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(InferenceError::runtime)?
             .with_intra_threads(options.intra_threads.max(1))
+            .map_err(InferenceError::runtime)?
+            .with_intra_op_spinning(options.spinning)
             .map_err(InferenceError::runtime)?
             .commit_from_file(&path)
             .map_err(|e| InferenceError::UnsupportedModel { path: path.clone(), reason: e.to_string() })?;
