@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,3 +77,33 @@ def test_bare_actix_baseline_serves_the_same_wire_format():
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_graph_ab_pairs_rounds_and_measures_quality():
+    """benches/python/graph_ab.py on the committed tiny fused model against itself: the base row's
+    paired ratio is exactly 1, both rows get the same quality numbers (the same graph), and the
+    quality is measured against the tiny fp32 graph it was built from."""
+    from conftest import ROOT, TINY, TINY_FUSED
+
+    text = Path(tempfile.mkdtemp(prefix="sg-ab-")) / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 3, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benches" / "python" / "graph_ab.py"), str(TINY_FUSED), str(TINY_FUSED),
+         "--rounds", "3", "--steps", "2", "--quality", "--reference", str(TINY), "--text", str(text)],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(f"| {TINY_FUSED} |")]
+    assert len(rows) == 4, done.stdout  # two timing rows, two quality rows
+    assert "| 1.000x (IQR 1.000-1.000) | 1.000x (IQR 1.000-1.000) |" in rows[0]
+    quality = [row.split("|")[2:4] for row in rows[2:]]
+    assert quality[0] == quality[1]
+    agreement = float(quality[0][0].strip().rstrip("%"))
+    assert 0.0 <= agreement <= 100.0 and float(quality[0][1]) >= 0.0
+
+
+def test_graph_ab_refuses_a_folder_without_a_model(tmp_path):
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "benches" / "python" / "graph_ab.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "has no model.onnx" in done.stderr
