@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "python"))
-from ort_reference import FusedDecoder, OrtDecoder  # noqa: E402
+from ort_reference import FusedDecoder, OrtDecoder, teacher_forced  # noqa: E402
 
 START = 100  # prompt positions before the measured steps
 
@@ -60,21 +60,10 @@ def step_times(models: list[Path], rounds: int, steps: int, threads: int) -> dic
     return times
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64) - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def quality(model: Path, reference: np.ndarray, ids: list[int], threads: int) -> tuple[float, float]:
     """(top-1 agreement, mean KL(fp32 || model)) teacher-forced over `ids`."""
     decoder = FusedDecoder(model, threads, max_len=len(ids), session=session(model, threads))
-    past, agree, kl = decoder.empty_past(), 0, []
-    for i, token in enumerate(ids[:-1]):
-        logits, past = decoder.forward([token], past, i)
-        p, q = log_softmax(reference[i]), log_softmax(logits)
-        kl.append(float((np.exp(p) * (p - q)).sum()))
-        agree += int(np.argmax(logits) == np.argmax(reference[i]))
-    return agree / (len(ids) - 1), float(np.mean(kl))
+    return teacher_forced(decoder, reference, ids)
 
 
 def ratio_text(base: list[float], other: list[float]) -> str:

@@ -101,6 +101,23 @@ class FusedDecoder(GreedyLoop):
         return binding.get_outputs()[0].numpy()[0, -1], past
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def teacher_forced(decoder: GreedyLoop, reference: np.ndarray, ids: list[int]) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(reference || decoder)) of `decoder` fed `ids` one token at a time,
+    against `reference` logits ([len(ids), vocab], row i predicting token i + 1: `all_logits`)."""
+    past, agree, kl = decoder.empty_past(), 0, []
+    for i, token in enumerate(ids[:-1]):
+        logits, past = decoder.forward([token], past, i)
+        p, q = log_softmax(reference[i]), log_softmax(logits)
+        kl.append(float((np.exp(p) * (p - q)).sum()))
+        agree += int(np.argmax(logits) == np.argmax(reference[i]))
+    return agree / (len(ids) - 1), float(np.mean(kl))
+
+
 def decoder_for(model_dir: Path, threads: int):
     """The reference decoder for either layout, told apart by the graph's inputs (one session)."""
     session = open_session(model_dir, threads)

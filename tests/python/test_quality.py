@@ -19,7 +19,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from conftest import ROOT, SMOLLM2, SMOLLM2_FP32, THREADS, require
-from ort_reference import FusedDecoder, OrtDecoder
+from ort_reference import FusedDecoder, OrtDecoder, teacher_forced
 
 TEXT = ROOT / "tests" / "data" / "quality_text.txt"
 MIN_AGREEMENT = 0.97
@@ -36,11 +36,6 @@ PROMPTS = [
 ]
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64) - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 @pytest.fixture(scope="module")
 def models():
     require(SMOLLM2 / "model.onnx", "run `make setup`")
@@ -53,13 +48,7 @@ def test_fused_graph_agrees_with_fp32_teacher_forced(models):
     ids = Tokenizer.from_file(str(SMOLLM2 / "tokenizer.json")).encode(TEXT.read_text(encoding="utf-8")).ids
     assert len(ids) >= 1000, "the gate needs at least 1,000 tokens of text"
     reference = fp32.all_logits(ids)  # row i predicts token i + 1
-    past, agree, kl = fused.empty_past(), 0, []
-    for i, token in enumerate(ids[:-1]):
-        logits, past = fused.forward([token], past, i)
-        p, q = log_softmax(reference[i]), log_softmax(logits)
-        kl.append(float((np.exp(p) * (p - q)).sum()))
-        agree += int(np.argmax(logits) == np.argmax(reference[i]))
-    agreement, mean_kl = agree / (len(ids) - 1), float(np.mean(kl))
+    agreement, mean_kl = teacher_forced(fused, reference, ids)
     print(f"teacher-forced over {len(ids) - 1} tokens: agreement {agreement:.4f}, mean KL {mean_kl:.5f}")
     assert agreement >= MIN_AGREEMENT, f"top-1 agreement {agreement:.4f} < {MIN_AGREEMENT}"
     assert mean_kl <= MAX_MEAN_KL, f"mean KL {mean_kl:.5f} > {MAX_MEAN_KL}"
