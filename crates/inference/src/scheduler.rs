@@ -52,10 +52,10 @@ pub struct EngineConfig {
     /// ONNX Runtime intra-op threads.
     pub intra_threads: usize,
     /// Whether the intra-op threads spin between runs (ONNX Runtime's default). A lone model's
-    /// next step then starts a little sooner (measured: ~7 % more tokens/s for one stream, for ~25 %
-    /// more CPU); several models sharing the same cores must not spin, or each one's idle threads
-    /// take the cores the other is computing on (measured: two models decoding at once gave 30-35 %
-    /// fewer tokens/s in all when spinning; docs/benchmarks.md).
+    /// next step then starts a little sooner (measured: a few percent more tokens/s for ~25 % more
+    /// CPU); several models sharing the same cores must not spin, or each one's idle threads take
+    /// the cores the other is computing on (measured: two models decoding at once made 1.4-1.7x more
+    /// tokens/s in all with their threads sleeping; docs/benchmarks.md).
     pub spinning: bool,
     /// Sequences decoded together (the KV pool's rows).
     pub max_active: usize,
