@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from conftest import TARGET, require, start_gateway
+from conftest import ROOT, TARGET, TINY, TINY_FUSED, require, start_gateway
 
 BENCH = TARGET / "debug" / "streamgate-bench"
 
@@ -83,8 +83,6 @@ def test_graph_ab_pairs_rounds_and_measures_quality():
     """benches/python/graph_ab.py on the committed tiny fused model against itself: the base row's
     paired ratio is exactly 1, both rows get the same quality numbers (the same graph), and the
     quality is measured against the tiny fp32 graph it was built from."""
-    from conftest import ROOT, TINY, TINY_FUSED
-
     text = Path(tempfile.mkdtemp(prefix="sg-ab-")) / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 3, encoding="utf-8")
     done = subprocess.run(
@@ -102,8 +100,6 @@ def test_graph_ab_pairs_rounds_and_measures_quality():
 
 
 def test_graph_ab_refuses_a_folder_without_a_model(tmp_path):
-    from conftest import ROOT
-
     done = subprocess.run([sys.executable, str(ROOT / "benches" / "python" / "graph_ab.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "has no model.onnx" in done.stderr
