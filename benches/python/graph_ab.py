@@ -27,16 +27,13 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "python"))
-from ort_reference import FusedDecoder, OrtDecoder, teacher_forced  # noqa: E402
+from ort_reference import FusedDecoder, OrtDecoder, open_session, teacher_forced  # noqa: E402
 
 START = 100  # prompt positions before the measured steps
 
 
 def session(model: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(model / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    return open_session(model, threads, spinning=False)
 
 
 def step_times(models: list[Path], rounds: int, steps: int, threads: int) -> dict[Path, tuple[list, list]]:

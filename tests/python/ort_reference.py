@@ -9,9 +9,13 @@ import numpy as np
 import onnxruntime as ort
 
 
-def open_session(model_dir: Path, threads: int) -> ort.InferenceSession:
+def open_session(model_dir: Path, threads: int, spinning: bool = True) -> ort.InferenceSession:
+    """spinning=False: the intra-op threads sleep between runs, so several sessions in one process
+    do not take each other's cores (what an A/B of variants needs)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
 
 
