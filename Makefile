@@ -104,7 +104,7 @@ bench-gateway: setup $(VENV)/.bench-installed ## load tests: streamgate vs the F
 	cargo build --release --quiet -p streamgate-gateway --bin streamgate -p streamgate-benches --bin streamgate-bench --bin actix-bare-sse --bin batching-bench
 	benches/run.sh all
 
-bench-micro: ## criterion: rate-limit check with 1M clients, SSE event encoding; limiter memory
+bench-micro: ## criterion: rate-limit check with 1M clients, SSE event encoding, sampling a token; limiter memory
 	cargo bench -p streamgate-gateway --bench hot_path -- --warm-up-time 1 --measurement-time 3
 
 # llama.cpp, the peer users would pick instead: llama-cpp-python built from its PyPI sdist for this

@@ -2,6 +2,9 @@
 //! - `rate_limit/identify_and_check`: client identification (peer + forwarded headers → key) and
 //!   a keyed GCRA check, with 1,000,000 clients already tracked; target < 1 µs median.
 //! - `sse/encode_event`: one token event through the native format and actix-web-lab's SSE body.
+//! - `sampling/*`: choosing one token from a 49,152-token vocabulary (SmolLM2's) at the native
+//!   API's defaults (temperature 0.7, top-p 0.9), by the engine's sampler and by the whole-vocabulary
+//!   sort it replaced (the baseline, kept here to measure against), per sequence and token.
 //!
 //! Also prints the limiter's memory with 1,000,000 keys before and after eviction.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -22,7 +25,8 @@ use streamgate_gateway::http::rate_limit::GovernorLimiter;
 use streamgate_gateway::metrics::Metrics;
 use streamgate_gateway::protocols::native::NativeFormat;
 use streamgate_gateway::sse::{StreamMetrics, TokenEvents};
-use streamgate_inference::{FinishReason, GenerationEvent, TokenStream, Usage};
+use streamgate_inference::sampling::Sampler;
+use streamgate_inference::{FinishReason, GenerationEvent, SamplingParams, TokenStream, Usage};
 
 const CLIENTS: u32 = 1_000_000;
 
@@ -89,6 +93,76 @@ fn sse_encoding(c: &mut Criterion) {
     group.finish();
 }
 
+/// Logits shaped like a small language model's: a normal bulk (sd 2.5) and a few clear leaders
+/// 12-16 above it; deterministic (xorshift, Box-Muller).
+fn synthetic_logits(vocab: usize) -> Vec<f32> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let mut logits: Vec<f32> = (0..vocab)
+        .map(|_| ((-2.0 * uniform().ln()).sqrt() * (std::f64::consts::TAU * uniform()).cos() * 2.5) as f32)
+        .collect();
+    for (i, lead) in [16.0, 15.2, 14.1, 13.5, 12.0].into_iter().enumerate() {
+        logits[(i * 7919 + 11) % vocab] = lead;
+    }
+    logits
+}
+
+/// The sampler before issue #12's batching work: every token's (id, logit) sorted, then softmax
+/// and the nucleus cut in sorted order. The baseline the engine's sampler is measured against.
+fn full_sort_sample(logits: &[f32], temperature: f32, top_p: f64, draw: f64, scratch: &mut Vec<(u32, f32)>) -> u32 {
+    let inv_t = 1.0 / temperature;
+    scratch.clear();
+    scratch.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)));
+    scratch.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+    let max = scratch.first().map_or(0.0, |c| c.1);
+    let mut total = 0.0f64;
+    for c in scratch.iter_mut() {
+        c.1 = (c.1 - max).exp();
+        total += f64::from(c.1);
+    }
+    let target = top_p * total;
+    let mut mass = 0.0f64;
+    let keep = scratch.iter().position(|c| {
+        mass += f64::from(c.1);
+        mass >= target
+    });
+    scratch.truncate(keep.map_or(scratch.len(), |k| k + 1));
+    let mut left = draw * mass.min(total);
+    for c in scratch.iter() {
+        left -= f64::from(c.1);
+        if left <= 0.0 {
+            return c.0;
+        }
+    }
+    scratch.last().map_or(0, |c| c.0)
+}
+
+fn sampling(c: &mut Criterion) {
+    let mut logits = synthetic_logits(49_152);
+    let params = |top_p| SamplingParams { temperature: 0.7, top_p, seed: Some(1), ..SamplingParams::default() };
+    let mut group = c.benchmark_group("sampling");
+    group.throughput(Throughput::Elements(1));
+    let mut nucleus = Sampler::new(params(0.9));
+    group.bench_function("top_p_0.9", |b| b.iter(|| black_box(nucleus.sample(&mut logits, &[]))));
+    let mut whole = Sampler::new(params(1.0));
+    group.bench_function("top_p_1", |b| b.iter(|| black_box(whole.sample(&mut logits, &[]))));
+    let mut scratch = Vec::new();
+    let mut i = 0u32;
+    group.bench_function("top_p_0.9_full_sort_baseline", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            let draw = f64::from(i % 1000) / 1000.0;
+            black_box(full_sort_sample(&logits, 0.7, 0.9, draw, &mut scratch))
+        })
+    });
+    group.finish();
+}
+
 /// Resident memory of this process, in KiB.
 fn rss_kib() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -115,5 +189,5 @@ fn limiter_memory(_: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, rate_limit, sse_encoding, limiter_memory);
+criterion_group!(benches, rate_limit, sse_encoding, sampling, limiter_memory);
 criterion_main!(benches);
