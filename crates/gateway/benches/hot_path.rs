@@ -114,7 +114,13 @@ fn synthetic_logits(vocab: usize) -> Vec<f32> {
 
 /// The sampler before issue #12's batching work: every token's (id, logit) sorted, then softmax
 /// and the nucleus cut in sorted order. The baseline the engine's sampler is measured against.
-fn full_sort_sample(logits: &[f32], temperature: f32, top_p: f64, draw: f64, scratch: &mut Vec<(u32, f32)>) -> u32 {
+fn full_sort_sample(
+    logits: &[f32],
+    temperature: f32,
+    top_p: f64,
+    draw: f64,
+    scratch: &mut Vec<(u32, f32)>,
+) -> u32 {
     let inv_t = 1.0 / temperature;
     scratch.clear();
     scratch.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)));
@@ -144,7 +150,8 @@ fn full_sort_sample(logits: &[f32], temperature: f32, top_p: f64, draw: f64, scr
 
 fn sampling(c: &mut Criterion) {
     let mut logits = synthetic_logits(49_152);
-    let params = |top_p| SamplingParams { temperature: 0.7, top_p, seed: Some(1), ..SamplingParams::default() };
+    let params =
+        |top_p| SamplingParams { temperature: 0.7, top_p, seed: Some(1), ..SamplingParams::default() };
     let mut group = c.benchmark_group("sampling");
     group.throughput(Throughput::Elements(1));
     let mut nucleus = Sampler::new(params(0.9));
