@@ -112,7 +112,7 @@ fn synthetic_logits(vocab: usize) -> Vec<f32> {
     logits
 }
 
-/// The sampler before issue #12's batching work: every token's (id, logit) sorted, then softmax
+/// The sampler before 2026-12-02: every token's (id, logit) sorted, then softmax
 /// and the nucleus cut in sorted order. The baseline the engine's sampler is measured against.
 fn full_sort_sample(
     logits: &[f32],
