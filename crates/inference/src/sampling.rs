@@ -204,7 +204,7 @@ impl Sampler {
     }
 }
 
-/// Every token's weight `exp(logit * inv_t - max)` into `weights` (the max after temperature is
+/// Every token's weight `exp(logit * inv_t - max)` into `weights` (the top token's weight is
 /// 1), and their sum; 0 when no logit is finite.
 fn softmax_weights(logits: &[f32], inv_t: f32, weights: &mut Vec<f32>) -> f64 {
     // The largest scaled logit is the scaled largest logit (rounding is monotone).
