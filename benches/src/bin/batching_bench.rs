@@ -3,7 +3,9 @@
 //!
 //! 1. aggregate tokens/s of 16 concurrent streams over one stream's tokens/s;
 //! 2. p99 inter-token gap at 16 streams over one stream's p99;
-//! 3. a running stream's p99 gap while a 2,000-token prompt is admitted over its p99 without it;
+//! 3. a running stream's p99 gap while a 2,000-token prompt is admitted over its p99 without it,
+//!    and a short request's time to first token when it arrives while that prompt is processed
+//!    over its time to first token alone;
 //! 4. a conversation's second-turn time to first token over the first turn's (1,000-token prompt).
 //!
 //! Prints one JSON object (make bench tabulates it in docs/benchmarks.md). Bounded: every stream
@@ -169,6 +171,21 @@ fn main() -> Result<(), AnyError> {
         let during = Percentiles::of(during);
         let before = Percentiles::of(before);
 
+        // 3b. A short request sent 1 s after a 2,000-token prompt (nothing else running): its
+        // prompt runs next, not after the long one's remaining chunks. Prompts not seen before
+        // (none of them is in the prefix cache): the long one, and two short ones of one shape.
+        let short_alone = client.stream(&chat("Name three colors."), 8).await;
+        let other_long = format!("Answer in one word.\n\n{long2000}");
+        let long_then_short = async {
+            let long = client.stream(&other_long, 1);
+            let short = async {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                client.stream(&chat("Name three animals."), 8).await
+            };
+            tokio::join!(long, short)
+        };
+        let (long_alone, short_behind) = long_then_short.await;
+
         // 4. A conversation: a 1,000-token first turn, then the second turn resends it.
         let turn1 = chat(&format!("Read this and answer briefly.\n\n{doc1000}"));
         let first = client.stream(&turn1, 24).await;
@@ -189,11 +206,16 @@ fn main() -> Result<(), AnyError> {
                 "running_stream_tokens": running_tokens, "running_streams": running.len(),
                 "gap_p99_ratio": during.p99 / before.p99,
             },
+            "short_behind_long": {
+                "long_ttft_ms": long_alone.ttft_ms, "short_ttft_ms": short_behind.ttft_ms,
+                "short_alone_ttft_ms": short_alone.ttft_ms,
+                "ratio": short_behind.ttft_ms.unwrap_or(f64::NAN) / short_alone.ttft_ms.unwrap_or(f64::NAN),
+            },
             "conversation": {
                 "first_turn_doc_tokens": doc_tokens, "ttft_first_ms": ttft1, "ttft_second_ms": ttft2,
                 "ratio": ttft2 / ttft1,
             },
-            "errors": together.iter().chain(running.iter()).chain([&newcomer, &first, &second]).filter(|r| r.error.is_some() || !r.done).count(),
+            "errors": together.iter().chain(running.iter()).chain([&newcomer, &long_alone, &short_behind, &short_alone, &first, &second]).filter(|r| r.error.is_some() || !r.done).count(),
         }))
     })?;
     writeln!(std::io::stdout().lock(), "{report}")?;

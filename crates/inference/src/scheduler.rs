@@ -349,6 +349,29 @@ impl Pacing {
     }
 }
 
+/// A prompt waiting for its next chunk, as [`pick_prompt`] sees it.
+#[derive(Debug, Clone, Copy)]
+struct PromptTurn {
+    /// Prompt tokens still to run.
+    left: usize,
+    /// Part of it has run (its positions are in staging, or set aside while another runs).
+    started: bool,
+    /// Times a new prompt went ahead of it after it had started.
+    passed_over: usize,
+}
+
+/// Which prompt gets the next chunk: the one with the fewest tokens left, the oldest on a tie, so
+/// a short request that arrives while a long prompt is being processed runs its prompt next instead
+/// of waiting for the long one's remaining chunks (shortest remaining first: the least total
+/// waiting). A prompt under way that has been passed over `max_passes` times (the pool's size)
+/// keeps its turn, so new short requests cannot hold a long prompt back indefinitely.
+fn pick_prompt(turns: &[PromptTurn], max_passes: usize) -> Option<usize> {
+    if let Some(i) = turns.iter().position(|t| t.started && t.passed_over >= max_passes) {
+        return Some(i);
+    }
+    turns.iter().enumerate().min_by_key(|(_, t)| t.left).map(|(i, _)| i)
+}
+
 fn average(previous: Option<f64>, sample: f64) -> f64 {
     previous.map_or(sample, |p| p + Pacing::WEIGHT * (sample - p))
 }
@@ -441,10 +464,28 @@ impl Worker {
         self.shared.active.store(self.active.len(), Ordering::SeqCst);
     }
 
-    /// One chunk of the oldest prompt still running.
+    /// One chunk of the prompt with the fewest tokens left ([`pick_prompt`]).
     fn prefill_step(&mut self) {
-        let Some(i) = self.active.iter().position(Sequence::is_prefilling) else { return };
-        let waiting = self.active.iter().filter(|s| s.is_prefilling()).count();
+        let prompts: Vec<usize> =
+            (0..self.active.len()).filter(|&i| self.active[i].is_prefilling()).collect();
+        let turns: Vec<PromptTurn> = prompts
+            .iter()
+            .map(|&i| {
+                let s = &self.active[i];
+                PromptTurn { left: s.prompt_left(), started: s.prompt_started(), passed_over: s.passed_over }
+            })
+            .collect();
+        let Some(pick) = pick_prompt(&turns, self.max_active) else { return };
+        let i = prompts[pick];
+        if !turns[pick].started {
+            // A new prompt goes ahead of those under way: each of them is passed over once more.
+            for (&j, turn) in prompts.iter().zip(&turns) {
+                if turn.started {
+                    self.active[j].passed_over += 1;
+                }
+            }
+        }
+        let waiting = prompts.len();
         let decoding = self.active.len() - waiting;
         // Pace prompts only while they are few next to the streams they would hold up; a burst of
         // new requests fills the batch first (TGI's waiting-served ratio), which serves everyone sooner.
@@ -559,5 +600,33 @@ impl Worker {
         };
         let tokens = keep.then(|| seq.cached_tokens().to_vec());
         self.model.release(seq.cache, tokens.as_deref());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn turn(left: usize, started: bool, passed_over: usize) -> PromptTurn {
+        PromptTurn { left, started, passed_over }
+    }
+
+    #[test]
+    fn the_prompt_with_the_fewest_tokens_left_runs_next() {
+        assert_eq!(pick_prompt(&[], 4), None);
+        // A long prompt under way, then a short newcomer: the newcomer runs first.
+        assert_eq!(pick_prompt(&[turn(1800, true, 0), turn(20, false, 0)], 4), Some(1));
+        // Ties go to the oldest (admission order).
+        assert_eq!(pick_prompt(&[turn(30, false, 0), turn(30, false, 0)], 4), Some(0));
+        // A long prompt keeps its turn over a longer newcomer.
+        assert_eq!(pick_prompt(&[turn(500, true, 0), turn(900, false, 0)], 4), Some(0));
+    }
+
+    #[test]
+    fn a_prompt_passed_over_as_often_as_there_are_slots_keeps_its_turn() {
+        assert_eq!(pick_prompt(&[turn(1800, true, 3), turn(20, false, 0)], 4), Some(1));
+        assert_eq!(pick_prompt(&[turn(1800, true, 4), turn(20, false, 0)], 4), Some(0));
+        // Only a prompt under way can claim it (a fresh one has not been passed over).
+        assert_eq!(pick_prompt(&[turn(20, false, 0), turn(1800, true, 9), turn(5, false, 0)], 4), Some(1));
     }
 }

@@ -41,6 +41,8 @@ pub(crate) struct Sequence {
     generated: usize,
     max_tokens: usize,
     events_sent: usize,
+    /// Times a shorter prompt ran ahead of this one after its own prompt had started.
+    pub passed_over: usize,
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
@@ -63,6 +65,7 @@ impl Sequence {
             generated: 0,
             max_tokens,
             events_sent: 0,
+            passed_over: 0,
             sampler: Sampler::new(sampling),
             decoder: IncrementalDecoder::new(),
             stop: StopMatcher::new(stop),
@@ -77,6 +80,16 @@ impl Sequence {
     /// Still running its prompt (nothing sampled yet).
     pub fn is_prefilling(&self) -> bool {
         self.fed < self.prompt_len
+    }
+
+    /// Prompt tokens still to run.
+    pub fn prompt_left(&self) -> usize {
+        self.prompt_len - self.fed
+    }
+
+    /// Part of the prompt has run (so another taking its turn sets its positions aside).
+    pub fn prompt_started(&self) -> bool {
+        self.fed > 0 && self.is_prefilling()
     }
 
     /// Prompt positions already in the cache before any ran (a reused prefix).

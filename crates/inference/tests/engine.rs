@@ -79,6 +79,99 @@ fn check_kv_cache_matches_full_recomputation(model_dir: &std::path::Path, layout
     }
 }
 
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+}
+
+/// A prompt takes staging from another whose prompt is under way (the scheduler runs the shortest
+/// first), and one whose prompt has just run is set aside the same way; each gets its positions
+/// back and ends with the logits it has alone, across a pool step that writes every idle row.
+#[test]
+fn prompts_set_aside_for_another_resume_exactly() {
+    let env = init_runtime(&ort_dylib()).expect("runtime");
+    let files = ModelFiles::read(&tiny_fused_model_dir()).expect("files");
+    let tok = TextTokenizer::from_file(&files.tokenizer_path).expect("tokenizer");
+    let long = tok.encode(&PROMPT.repeat(4)).expect("encode");
+    let short = tok.encode("A short question about streams?").expect("encode");
+    // Longer than the long prompt's first half: it overwrites every position set aside.
+    let mut other = tok.encode(&"Another request, about something else. ".repeat(8)).expect("encode");
+    let half = long.len() / 2;
+    other.truncate(half + 4);
+    assert!(other.len() > half, "the other prompt must cover the first half");
+    let pool =
+        PoolOptions { slots: 4, slot_len: long.len() + 4, prefix_cache_bytes: 0, batch_invariant: false };
+    let options = SessionOptions { intra_threads: 1, spinning: false, pool };
+    let new_cache = |model: &mut DecoderModel| model.new_cache().expect("cache").expect("a free slot");
+
+    // Alone, in a model of its own (so that nothing it leaves in its buffers can stand in for
+    // positions the other one fails to restore): the long prompt in two chunks; the other one; the
+    // short one, then one decode step.
+    let mut alone = DecoderModel::load(&env, &files, &options).expect("model");
+    let mut c = new_cache(&mut alone);
+    alone.prefill(&long[..half], &mut c).expect("first half");
+    let long_alone = alone.prefill(&long[half..], &mut c).expect("second half").to_vec();
+    alone.release(c, None);
+    let mut c = new_cache(&mut alone);
+    let other_alone = alone.prefill(&other, &mut c).expect("other").to_vec();
+    alone.release(c, None);
+    let mut c = new_cache(&mut alone);
+    let short_alone = alone.prefill(&short, &mut c).expect("short").to_vec();
+    let next = streamgate_inference::sampling::argmax(&short_alone);
+    let step_alone = alone.decode(&mut [&mut c], &[next]).expect("decode").to_vec();
+    drop(alone);
+    let mut model = DecoderModel::load(&env, &files, &options).expect("model");
+
+    // Interleaved: the long prompt starts; the other one runs its prompt whole, then two short
+    // ones (the first is set aside with its prompt done when the second takes staging); both
+    // decode in one pool step; the long prompt resumes.
+    let mut a = new_cache(&mut model);
+    model.prefill(&long[..half], &mut a).expect("long, first half");
+    let mut o = new_cache(&mut model);
+    let o_logits = model.prefill(&other, &mut o).expect("other").to_vec();
+    assert!(max_diff(&o_logits, &other_alone) < 1e-4);
+    model.release(o, None);
+    let mut b = new_cache(&mut model);
+    let b_logits = model.prefill(&short, &mut b).expect("b's prompt").to_vec();
+    let mut c = new_cache(&mut model);
+    let c_logits = model.prefill(&short, &mut c).expect("c's prompt").to_vec();
+    assert!(max_diff(&b_logits, &short_alone) < 1e-4);
+    assert!(max_diff(&c_logits, &short_alone) < 1e-4);
+    let both = model.decode(&mut [&mut b, &mut c], &[next, next]).expect("pool step").to_vec();
+    let (b_step, c_step) = both.split_at(both.len() / 2);
+    assert!(max_diff(b_step, &step_alone) < 1e-4, "b after being set aside");
+    assert!(max_diff(c_step, &step_alone) < 1e-4, "c");
+    let resumed = model.prefill(&long[half..], &mut a).expect("long, second half").to_vec();
+    let diff = max_diff(&resumed, &long_alone);
+    assert!(diff < 1e-4, "the resumed prompt's logits differ by {diff}");
+    assert_eq!(a.len(), long.len());
+}
+
+/// A short request that arrives while a long prompt is being processed is answered first: its
+/// prompt runs ahead of the long one's remaining chunks. On the real model, whose 2,000-token
+/// prompt takes seconds (the short one is sent a little after it, so it finds that prompt under
+/// way; the order holds however fast the machine is, since the long one needs many chunks).
+#[tokio::test]
+async fn a_short_request_is_answered_before_a_long_prompt_ahead_of_it() {
+    let engine = engine_with(&smollm2_dir(), 2, 4, 64);
+    let long = "tokens stream to the browser as they are made ".repeat(200);
+    let mut first = engine.generate(request(&long, 4)).await.expect("long");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut second = engine.generate(request(PROMPT, 4)).await.expect("short");
+    let order = tokio::select! {
+        biased;
+        event = second.next() => { assert!(matches!(event, Some(Ok(GenerationEvent::Token { .. }))), "{event:?}"); "short" }
+        event = first.next() => { assert!(matches!(event, Some(Ok(GenerationEvent::Token { .. }))), "{event:?}"); "long" }
+    };
+    assert_eq!(order, "short", "the short request waited for the long prompt");
+    let stats = engine.stats();
+    assert_eq!(
+        stats.completed, 0,
+        "the long prompt was still running when the short one answered: {stats:?}"
+    );
+    drop((first, second));
+}
+
 /// The scheduler's chunked prefill (a chunk per step) generates what one pass over the prompt does.
 #[tokio::test]
 async fn chunked_prefill_generates_the_same_tokens() {

@@ -25,8 +25,14 @@
 //!   sequence decodes with it: a one-row step skips the per-row cost every idle pool row adds to
 //!   attention (a lone stream in a 16-row pool: 1.1-1.45x per step).
 //!
+//! A prompt may take staging from another whose prompt is under way (the scheduler runs the
+//! shortest first): the other's positions are set aside, compact, and copied back when its turn
+//! comes (its pool row cannot hold them: an idle row's position 0 is written by every pool step).
+//!
 //! A finished sequence's positions go to the [`PrefixCache`]; a new prompt that starts with the
 //! same tokens gets them copied into staging and runs only the rest.
+
+use std::collections::HashMap;
 
 use ort::memory::{Allocator, MemoryInfo};
 use ort::session::{IoBinding, Session};
@@ -95,6 +101,11 @@ pub struct FusedModel {
     /// The staged sequence's cached positions once it decodes in staging (it was alone): they move
     /// to its pool row as soon as staging is wanted or another sequence decodes with it.
     staged_decoding: Option<usize>,
+    /// Positions in staging (the staged sequence's, prompt so far or prompt and output).
+    staged_len: usize,
+    /// Prompts under way that gave staging up to another: pool row -> (positions, their KV in
+    /// [`Buffers::read_rows`]' compact layout).
+    parked: HashMap<usize, (usize, Vec<f32>)>,
     /// With batch invariance, a pool row of its own that pads a lone decoding sequence (see
     /// [`PoolOptions::batch_invariant`]); it only ever holds the padding's one position.
     padding_row: Option<usize>,
@@ -134,6 +145,8 @@ impl FusedModel {
             batch_logits: None,
             staged: None,
             staged_decoding: None,
+            staged_len: 0,
+            parked: HashMap::new(),
             padding_row: options.batch_invariant.then_some(slots),
             free: (0..slots).rev().collect(),
             prefixes: PrefixCache::new(options.prefix_cache_bytes, MIN_PREFIX_TOKENS),
@@ -191,6 +204,7 @@ impl FusedModel {
             self.staged = None;
             self.staged_decoding = None;
         }
+        self.parked.remove(&cache.slot);
         self.free.push(cache.slot);
     }
 
@@ -221,6 +235,7 @@ impl FusedModel {
         let entry_len = entry.tokens().len();
         self.staging.write_rows(0, entry.kv(), entry_len, shared, self.slot_len, &self.shape)?;
         cache.len = shared;
+        self.staged_len = shared;
         Ok(shared)
     }
 
@@ -236,6 +251,7 @@ impl FusedModel {
         self.staging.total_len.extract_tensor_mut().1[0] = total;
         drop(self.session.run_binding_with_options(&self.staging.binding, &self.interrupt.0).map_err(rt)?);
         cache.len += tokens.len();
+        self.staged_len = cache.len;
         Ok(self.staging_logits.extract_tensor_mut().1)
     }
 
@@ -245,6 +261,14 @@ impl FusedModel {
         let rt = InferenceError::runtime;
         if caches.len() != ids.len() || caches.is_empty() {
             return Err(InferenceError::Runtime("a decode step needs one token per sequence".into()));
+        }
+        // A sequence set aside right after its prompt ran decodes from its pool row: its positions
+        // go there first (the scheduler decodes a finished prompt before another takes staging, so
+        // this is a safeguard).
+        for cache in caches.iter() {
+            if let Some((len, kv)) = self.parked.remove(&cache.slot) {
+                self.pool.write_rows(cache.slot, &kv, len, len, self.slot_len, &self.shape)?;
+            }
         }
         if let [cache] = caches
             && self.padding_row.is_none()
@@ -310,25 +334,35 @@ impl FusedModel {
             .ok_or_else(|| InferenceError::Runtime(format!("expected {want} logits, got {got}")))
     }
 
-    /// Staging belongs to one prompt at a time.
+    /// Staging belongs to one prompt at a time: whoever holds it gives it up (a lone decoding
+    /// sequence to its pool row, a prompt under way to [`Self::parked`]), and a parked prompt
+    /// gets its positions back.
     fn take_staging(&mut self, cache: &Cache) -> Result<()> {
-        match self.staged {
-            Some(slot) if slot == cache.slot => Ok(()),
-            Some(slot) => match self.staged_decoding {
-                // A lone sequence was decoding here: its positions go to its pool row first.
-                Some(len) if cache.len == 0 => {
-                    self.commit_staging(slot, len)?;
-                    self.staged = Some(cache.slot);
-                    Ok(())
-                }
-                _ => Err(InferenceError::Runtime("another prompt is being processed".into())),
-            },
-            None if cache.len == 0 => {
-                self.staged = Some(cache.slot);
-                Ok(())
-            }
-            None => Err(InferenceError::Runtime("this sequence's prompt is already processed".into())),
+        let parked = self.parked.get(&cache.slot).map(|(len, _)| *len);
+        if self.staged != Some(cache.slot) && cache.len != parked.unwrap_or(0) {
+            return Err(InferenceError::Runtime("this sequence's prompt is already processed".into()));
         }
+        match self.staged {
+            Some(slot) if slot == cache.slot => return Ok(()),
+            Some(slot) => match self.staged_decoding {
+                Some(len) => self.commit_staging(slot, len)?,
+                None => {
+                    let kv =
+                        self.staging.read_rows(0, self.staged_len, self.slot_len, &self.shape).ok_or_else(
+                            || InferenceError::Runtime("staging is shorter than its prompt".into()),
+                        )?;
+                    self.parked.insert(slot, (self.staged_len, kv));
+                }
+            },
+            None => {}
+        }
+        if let Some((len, kv)) = self.parked.remove(&cache.slot) {
+            self.staging.write_rows(0, &kv, len, len, self.slot_len, &self.shape)?;
+        }
+        self.staged = Some(cache.slot);
+        self.staged_decoding = None;
+        self.staged_len = cache.len;
+        Ok(())
     }
 
     /// Move the staged sequence's `len` positions into its pool row `slot`.
