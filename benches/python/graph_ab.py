@@ -1,15 +1,16 @@
 """Paired A/B of fused-graph variants (model folders from `scripts/prepare_smollm2.sh DIR [options]`):
 decode-step time with ONNX Runtime's Python API, and optionally the quality gate's numbers.
 
-    python benches/python/graph_ab.py BASE_DIR VARIANT_DIR... [--rounds 30 --steps 5 --threads 2]
+    python benches/python/graph_ab.py BASE_DIR VARIANT_DIR... [--rounds 30 --steps 5 --threads 2 --position 100]
         [--quality --reference .cache/models/smollm2-135m-instruct-fp32]
 
 Every variant is loaded in this one process and the rounds alternate between them, so a slow
 minute of a shared machine slows all of them. Each session's intra-op threads sleep between runs
 (`session.intra_op.allow_spinning` 0): a spinning pool of the variant that just ran would take the
 cores of the next one and bias the comparison (docs/benchmarks.md). A round is `--steps` decode
-steps of one row at position 100; the ratio reported is the median over rounds of base time /
-variant time *in the same round*, with its interquartile range, for wall time and for CPU time.
+steps of one row after `--position` prompt positions (100, or 2000 for the long-context target);
+the ratio reported is the median over rounds of base time / variant time *in the same round*, with
+its interquartile range, for wall time and for CPU time.
 
 With `--quality`: teacher-forced top-1 agreement and mean KL against the fp32 graph over
 tests/data/quality_text.txt, as tests/python/test_quality.py measures the default.
@@ -29,20 +30,21 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "python"))
 from ort_reference import FusedDecoder, OrtDecoder, open_session, teacher_forced  # noqa: E402
 
-START = 100  # prompt positions before the measured steps
+START = 100  # default prompt positions before the measured steps (--position)
 
 
 def session(model: Path, threads: int) -> ort.InferenceSession:
     return open_session(model, threads, spinning=False)
 
 
-def step_times(models: list[Path], rounds: int, steps: int, threads: int) -> dict[Path, tuple[list, list]]:
+def step_times(models: list[Path], rounds: int, steps: int, threads: int,
+               start: int = START) -> dict[Path, tuple[list, list]]:
     """Per model: (wall ms per step, CPU ms per step) of each round, the rounds alternating."""
     state = []
     for model in models:
-        decoder = FusedDecoder(model, threads, max_len=START + rounds * steps + 1, session=session(model, threads))
-        logits, past = decoder.forward(list(range(100, 100 + START)), decoder.empty_past(), 0)
-        state.append([decoder, past, logits, START])
+        decoder = FusedDecoder(model, threads, max_len=start + rounds * steps + 1, session=session(model, threads))
+        logits, past = decoder.forward(list(range(100, 100 + start)), decoder.empty_past(), 0)
+        state.append([decoder, past, logits, start])
     times: dict[Path, tuple[list, list]] = {m: ([], []) for m in models}
     for _ in range(rounds):
         for model, s in zip(models, state):
@@ -74,18 +76,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--position", type=int, default=START, help="prompt positions before the measured steps")
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--reference", type=Path, default=ROOT / ".cache" / "models" / "smollm2-135m-instruct-fp32")
     ap.add_argument("--text", type=Path, default=ROOT / "tests" / "data" / "quality_text.txt")
     args = ap.parse_args()
-    if args.rounds < 1 or args.steps < 1 or args.threads < 1:
-        ap.error("--rounds, --steps and --threads must be at least 1")
+    if args.rounds < 1 or args.steps < 1 or args.threads < 1 or args.position < 1:
+        ap.error("--rounds, --steps, --threads and --position must be at least 1")
     for model in args.models:
         if not (model / "model.onnx").is_file():
             ap.error(f"{model} has no model.onnx")
     ort.set_default_logger_severity(3)
 
-    times = step_times(args.models, args.rounds, args.steps, args.threads)
+    times = step_times(args.models, args.rounds, args.steps, args.threads, args.position)
     base_wall, base_cpu = times[args.models[0]]
     print("| model | wall ms/step (median) | wall vs base | CPU vs base |")
     print("| --- | --- | --- | --- |")

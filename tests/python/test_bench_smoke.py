@@ -103,3 +103,9 @@ def test_graph_ab_refuses_a_folder_without_a_model(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benches" / "python" / "graph_ab.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "has no model.onnx" in done.stderr
+
+
+def test_graph_ab_refuses_a_position_below_one():
+    done = subprocess.run([sys.executable, str(ROOT / "benches" / "python" / "graph_ab.py"), str(TINY_FUSED),
+                           "--position", "0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--position" in done.stderr

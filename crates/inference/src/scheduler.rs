@@ -5,7 +5,7 @@
 //! loop {
 //!     drop sequences whose client left                   (their slot is free at once)
 //!     admit queued jobs while a KV slot is free          (queue full → Overloaded, at generate)
-//!     prefill: one chunk of the oldest prompt            (a cached prefix is copied, not rerun)
+//!     prefill: one chunk of the shortest prompt          (a cached prefix is copied, not rerun)
 //!     decode:  one token for every decoding sequence     (one forward pass for all of them)
 //!     per sequence: sample → detokenize → stop check → event; finished ones free their slot
 //! }
@@ -15,7 +15,8 @@
 //! decodes, or while prompts waiting outnumber the streams decoding (1.2 to 1, a burst fills the
 //! batch first); otherwise its chunk is sized to take about [`EngineConfig::prefill_pace`] decode
 //! steps (costs measured as it runs), so a long prompt slows running streams by about that much
-//! per step instead of stalling them for its whole length.
+//! per step instead of stalling them for its whole length. The prompt with the fewest tokens left
+//! gets the next chunk ([`pick_prompt`]), so a short request is not held behind a long prompt.
 //! Nothing heavy runs on the async runtime: the prompt is tokenized on tokio's blocking pool, then
 //! the job is `try_send`-ed into the queue and the stream returned at once, so a caller can start
 //! its response (and keep-alives) while the request waits for a slot and its prompt is processed.
