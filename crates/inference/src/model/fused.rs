@@ -265,9 +265,11 @@ impl FusedModel {
         // A sequence set aside right after its prompt ran decodes from its pool row: its positions
         // go there first (the scheduler decodes a finished prompt before another takes staging, so
         // this is a safeguard).
-        for cache in caches.iter() {
-            if let Some((len, kv)) = self.parked.remove(&cache.slot) {
-                self.pool.write_rows(cache.slot, &kv, len, len, self.slot_len, &self.shape)?;
+        if !self.parked.is_empty() {
+            for cache in caches.iter() {
+                if let Some((len, kv)) = self.parked.remove(&cache.slot) {
+                    self.pool.write_rows(cache.slot, &kv, len, len, self.slot_len, &self.shape)?;
+                }
             }
         }
         if let [cache] = caches
