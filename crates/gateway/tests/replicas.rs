@@ -55,11 +55,14 @@ async fn a_stream_started_on_one_replica_continues_on_another_after_a_reconnect(
     let redis = RedisServer::start();
     // A grace period much shorter than the generation: replica A keeps generating only because
     // replica B tells it (through Redis) that the stream is being read. And a small quota on the
-    // `other` routes, which the end of the test spends across both replicas.
+    // `other` routes, which the end of the test spends across both replicas. Redis gets 2 s per
+    // command instead of 250 ms: on a loaded test machine (other tests decode at the same time) a
+    // slow answer would count as an outage, and a replica that thinks Redis is down resumes only
+    // its own streams (a 404 here), which is what another test checks, not this one.
     let (a, b) = replicas(
         &redis,
         &smollm2_v1(),
-        &["--disconnect-grace-secs", "1", "--rate-limit-rule", "other=4/min:4"],
+        &["--disconnect-grace-secs", "1", "--rate-limit-rule", "other=4/min:4", "--state-timeout-ms", "2000"],
     );
     let whole: Value = client()
         .post(a.url("/api/v1/inference"))
