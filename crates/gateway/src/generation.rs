@@ -216,7 +216,11 @@ async fn resume_remote(
 ) -> Result<Option<HttpResponse>, ApiError> {
     let replicas = state.replicas.as_ref().ok_or(ApiError::UnknownStream)?;
     let stream = replicas.find(id, client_of(req), version).await.ok_or(ApiError::UnknownStream)?;
-    let Some(cursor) = from.cursor(stream.len, stream.done)? else { return Ok(None) };
+    let len = match from {
+        ResumePoint::After(n) => stream.seen_len(n),
+        ResumePoint::Live => stream.len,
+    };
+    let Some(cursor) = from.cursor(len, stream.done)? else { return Ok(None) };
     let permit = stream_permit(state, req)?;
     state.metrics.resumed_streams.with_label_values(&[version]).inc();
     let active = ActiveStream::new(state.metrics.active_streams.with_label_values(&[version]));

@@ -77,6 +77,16 @@ pub struct RemoteStream {
     pub len: usize,
 }
 
+impl RemoteStream {
+    /// The events a client of this stream can have seen, given that it saw event `n`: those in
+    /// the store and, while the stream runs, those its replica has sent but not copied yet (the
+    /// copy follows the send; at most [`MAX_QUEUED_EVENTS`] behind). A reconnect right after a
+    /// disconnect then follows from the client's event — the rest arrives — instead of a 404.
+    pub fn seen_len(&self, n: usize) -> usize {
+        if self.done { self.len } else { n.clamp(self.len, self.len + MAX_QUEUED_EVENTS) }
+    }
+}
+
 /// `0-SEQ` → SEQ.
 fn seq_of(entry: &str) -> Option<usize> {
     entry.strip_prefix("0-")?.parse().ok()
@@ -322,5 +332,32 @@ impl RemoteReaders for Replicas {
             let exists = exists.arg(key).query_async::<bool>(&mut conn);
             matches!(actix_web::rt::time::timeout(timeout, exists).await, Ok(Ok(true)))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(len: usize, done: bool) -> RemoteStream {
+        RemoteStream {
+            id: StreamId::random(),
+            replica: "r".into(),
+            ids: true,
+            retry: false,
+            error: vec![],
+            done,
+            len,
+        }
+    }
+
+    #[test]
+    fn a_running_stream_counts_the_events_its_replica_sent_but_has_not_copied_yet() {
+        // The client saw event 5; the store has 3 so far: follow from 5.
+        assert_eq!(stream(3, false).seen_len(5), 5);
+        assert_eq!(stream(7, false).seen_len(5), 7);
+        // Never further than the copy can lag, and nothing beyond the end of a finished stream.
+        assert_eq!(stream(3, false).seen_len(usize::MAX), 3 + MAX_QUEUED_EVENTS);
+        assert_eq!(stream(3, true).seen_len(5), 3);
     }
 }
