@@ -85,10 +85,13 @@ test("EventSource reconnects after a cut and the page gets the whole reply from 
 
     // The whole stream as the gateways recorded it: the page shows exactly its text.
     const log = await (await fetch(`${b.base}/api/v1/streams/${id}`)).text();
-    const text = log.split("\n").filter((l) => l.startsWith("data: {")).map((l) => JSON.parse(l.slice(6)))
-      .filter((e) => typeof e.text === "string").map((e) => e.text).join("");
+    const tokens = log.split("\n").filter((l) => l.startsWith("data: {")).map((l) => JSON.parse(l.slice(6)))
+      .filter((e) => typeof e.text === "string");
+    const text = tokens.map((e) => e.text).join("");
     assert.equal(shown, text, "no event repeated or skipped");
-    assert.ok(text.length > 100, text);
+    // The page samples (no temperature: the native default), so the reply's length varies from run
+    // to run; what matters is that it went on past the cut, through the other replica.
+    assert.ok(tokens.length > CUT_AFTER, `only ${tokens.length} token events: ${text}`);
 
     const metrics = await (await fetch(`${b.base}/metrics`)).text();
     assert.match(metrics, /^streamgate_engine_admitted_requests\{version="v1"\} 0$/m, "B did not run the model");
