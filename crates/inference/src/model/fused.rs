@@ -98,9 +98,9 @@ pub struct FusedModel {
     /// The pool row whose sequence's positions are in staging (its prompt is running, or it
     /// decodes alone there).
     staged: Option<usize>,
-    /// The staged sequence's cached positions once it decodes in staging (it was alone): they move
-    /// to its pool row as soon as staging is wanted or another sequence decodes with it.
-    staged_decoding: Option<usize>,
+    /// The staged sequence decodes in staging (it was alone): its positions move to its pool row
+    /// as soon as staging is wanted or another sequence decodes with it.
+    staged_decoding: bool,
     /// Positions in staging (the staged sequence's, prompt so far or prompt and output).
     staged_len: usize,
     /// Prompts under way that gave staging up to another: pool row -> (positions, their KV in
@@ -144,7 +144,7 @@ impl FusedModel {
             staging_logits,
             batch_logits: None,
             staged: None,
-            staged_decoding: None,
+            staged_decoding: false,
             staged_len: 0,
             parked: HashMap::new(),
             padding_row: options.batch_invariant.then_some(slots),
@@ -202,7 +202,7 @@ impl FusedModel {
         }
         if self.staged == Some(cache.slot) {
             self.staged = None;
-            self.staged_decoding = None;
+            self.staged_decoding = false;
         }
         self.parked.remove(&cache.slot);
         self.free.push(cache.slot);
@@ -284,7 +284,7 @@ impl FusedModel {
                 self.staged = Some(cache.slot);
             }
             self.prefill(ids, cache)?;
-            self.staged_decoding = Some(cache.len);
+            self.staged_decoding = true;
             return Ok(self.staging_logits.extract_tensor_mut().1);
         }
         for cache in caches.iter() {
@@ -347,8 +347,8 @@ impl FusedModel {
         match self.staged {
             Some(slot) if slot == cache.slot => return Ok(()),
             Some(slot) => match self.staged_decoding {
-                Some(len) => self.commit_staging(slot, len)?,
-                None => {
+                true => self.commit_staging(slot, self.staged_len)?,
+                false => {
                     let kv =
                         self.staging.read_rows(0, self.staged_len, self.slot_len, &self.shape).ok_or_else(
                             || InferenceError::Runtime("staging is shorter than its prompt".into()),
@@ -362,7 +362,7 @@ impl FusedModel {
             self.staging.write_rows(0, &kv, len, len, self.slot_len, &self.shape)?;
         }
         self.staged = Some(cache.slot);
-        self.staged_decoding = None;
+        self.staged_decoding = false;
         self.staged_len = cache.len;
         Ok(())
     }
@@ -371,7 +371,7 @@ impl FusedModel {
     fn commit_staging(&mut self, slot: usize, len: usize) -> Result<()> {
         copy_positions(&self.staging.kv, 0, &mut self.pool.kv, slot, len, self.slot_len, &self.shape)?;
         self.staged = None;
-        self.staged_decoding = None;
+        self.staged_decoding = false;
         Ok(())
     }
 
