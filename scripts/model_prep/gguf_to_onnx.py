@@ -145,6 +145,9 @@ def main() -> None:
     ap.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=8,
                     help="fused layout: 8 = the GGUF's Q8_0 lm_head as stored; 4 = a 4-bit copy picks the "
                          "--rescore-top candidates, the 8-bit rows score them")
+    ap.add_argument("--no-mixed", action="store_true",
+                    help="fused layout: do not write model_mixed.onnx, the graph that runs decode rows and a "
+                         "prompt chunk in one pass (the engine then runs them one after the other)")
     args = ap.parse_args()
 
     reader = GGUFReader(str(args.gguf))
@@ -153,13 +156,16 @@ def main() -> None:
     eos_id = int(field(reader, "tokenizer.ggml.eos_token_id"))
     bos_id = int(field(reader, "tokenizer.ggml.bos_token_id"))
     template = reader.fields.get("tokenizer.chat_template")
+    mixed = None
     if args.layout == "fused":
         weights = read_blocks(reader, cfg)
-        model = build_fused_model(cfg, weights, producer="streamgate gguf_to_onnx (fused)",
-                                  accuracy_level=args.accuracy_level, exact_q4=args.q4_residual != "none",
-                                  fold=args.q4_residual == "folded",
-                                  bits=args.bits, rescore_top=args.rescore_top,
-                                  fp32_mlp_layers=args.fp32_mlp_layers, lm_head_bits=args.lm_head_bits)
+        options = dict(accuracy_level=args.accuracy_level, exact_q4=args.q4_residual != "none",
+                       fold=args.q4_residual == "folded", bits=args.bits, rescore_top=args.rescore_top,
+                       fp32_mlp_layers=args.fp32_mlp_layers, lm_head_bits=args.lm_head_bits)
+        model = build_fused_model(cfg, weights, producer="streamgate gguf_to_onnx (fused)", **options)
+        if not args.no_mixed:
+            mixed = build_fused_model(cfg, weights, producer="streamgate gguf_to_onnx (fused, mixed step)",
+                                      mixed=True, **options)
     else:
         weights = read_weights(reader, cfg)
         model = build_model(cfg, weights, producer="streamgate gguf_to_onnx")
@@ -168,7 +174,7 @@ def main() -> None:
         args.out_dir, cfg, model, tok,
         bos_token=tokens[bos_id], eos_token=tokens[eos_id], eos_ids=[eos_id],
         chat_template=template.contents() if template is not None else None,
-        name=str(field(reader, "general.name")), tied_embeddings=tied,
+        name=str(field(reader, "general.name")), tied_embeddings=tied, mixed=mixed,
     )
     print(f"wrote {args.out_dir} ({args.layout} layout, {cfg.num_layers} layers, vocab {cfg.vocab_size})")
 

@@ -23,13 +23,16 @@ def write_json(path: Path, value: object) -> None:
 
 def write_model_folder(out_dir: Path, cfg: LlamaConfig, model: onnx.ModelProto, tokenizer, *,
                        bos_token: str, eos_token: str, eos_ids: list[int], chat_template: str | None,
-                       name: str, tied_embeddings: bool = True) -> None:
+                       name: str, tied_embeddings: bool = True, mixed: onnx.ModelProto | None = None) -> None:
     """Write everything into a temporary sibling folder, then rename it into place, so an
-    interrupted run never leaves a folder that looks complete."""
+    interrupted run never leaves a folder that looks complete. `mixed`: the fused layout's
+    mixed-step graph (decode rows and a prompt chunk in one pass), saved as model_mixed.onnx."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
         onnx.save_model(model, str(tmp / "model.onnx"))
+        if mixed is not None:
+            onnx.save_model(mixed, str(tmp / "model_mixed.onnx"))
         tokenizer.save(str(tmp / "tokenizer.json"))
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         write_json(tmp / "config.json", {

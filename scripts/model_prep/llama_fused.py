@@ -300,7 +300,8 @@ class _Builder:
 
 def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: int = 4,
                       exact_q4: bool = True, bits: int = 4, rescore_top: int = 16,
-                      fp32_mlp_layers: int = 0, lm_head_bits: int = 8, fold: bool = False) -> onnx.ModelProto:
+                      fp32_mlp_layers: int = 0, lm_head_bits: int = 8, fold: bool = False,
+                      mixed: bool = False) -> onnx.ModelProto:
     """`w` holds QuantWeight (embed, lm_head, layers.{i}.{q,k,v,o,gate,up,down}; [out, in]) and fp32
     norm vectors (final_norm, layers.{i}.{attn_norm,ffn_norm}). `lm_head` may be absent (tied).
 
@@ -330,7 +331,17 @@ def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: 
         raise ValueError("the embedding must be 8-bit blocks (Q8_0)")
     embed_inputs = (g.const("model.embed_tokens.qweight", embed.q), g.const("model.embed_tokens.scales", embed.scale),
                     g.const("model.embed_tokens.zero_points", embed.zp))
-    x = g.op("GatherBlockQuantized", [embed_inputs[0], "input_ids", *embed_inputs[1:]], domain=MS, hint="embeddings",
+    zero, one, two = (g.const(n, np.array([v], np.int64)) for n, v in (("zero", 0), ("one", 1), ("two", 2)))
+    ids = "input_ids"
+    if mixed:
+        # Decode rows and the chunk as one sequence of tokens, [1, batch + chunk]: every projection
+        # reads its weights once for both.
+        batch = g.op("Shape", ["slots"])
+        chunk = g.op("Slice", [g.op("Shape", ["chunk_ids"]), one, two])
+        token_split = g.op("Concat", [batch, chunk], axis=0)
+        flat = g.op("Reshape", ["input_ids", g.const("shape_one_row", np.array([1, -1], np.int64))])
+        ids = g.op("Concat", [flat, "chunk_ids"], axis=1)
+    x = g.op("GatherBlockQuantized", [embed_inputs[0], ids, *embed_inputs[1:]], domain=MS, hint="embeddings",
              gather_axis=0, quantize_axis=1, block_size=BLOCK, bits=8)
 
     # Rotary tables [max_positions, head_dim/2], rows are positions.
@@ -343,9 +354,9 @@ def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: 
     past_inputs, present_outputs = [], []
     # All cache rows' packed q/k/v start as zeros: [rows, seq, (heads + 2 * kv_heads) * head_dim].
     qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
-    zero, one, two = (g.const(n, np.array([v], np.int64)) for n, v in (("zero", 0), ("one", 1), ("two", 2)))
     rows = g.op("Slice", [g.op("Shape", ["past_key_values.0.key"]), zero, one])
     seq = g.op("Slice", [g.op("Shape", ["input_ids"]), one, two])
+    hidden_width = cfg.num_heads * hd
     pool_shape = g.op("Concat", [rows, seq, g.const("qkv_width", np.array([qkv_width], np.int64))], axis=0)
     pool_zeros = g.op("ConstantOfShape", [pool_shape], value=helper.make_tensor("zero_f32", TensorProto.FLOAT, [1], [0.0]))
     slot_index = g.op("Unsqueeze", ["slots", g.const("axis_last_slot", np.array([-1], np.int64))])  # [batch, 1]
@@ -360,12 +371,33 @@ def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: 
         past_inputs += [past_k, past_v]
         present_outputs += [pres_k, pres_v]
         attn = g.name(f"{p}.attn")
+        if mixed:
+            chunk_past_k, chunk_past_v = f"chunk_past_key_values.{i}.key", f"chunk_past_key_values.{i}.value"
+            chunk_pres_k, chunk_pres_v = f"chunk_present.{i}.key", f"chunk_present.{i}.value"
+            past_inputs += [chunk_past_k, chunk_past_v]
+            present_outputs += [chunk_pres_k, chunk_pres_v]
+            dec_qkv, chunk_qkv = g.op("Split", [qkv, token_split], n_out=2, axis=1)
+            qkv = g.op("Reshape", [dec_qkv, g.const(g.name("shape_rows"), np.array([-1, 1, qkv_width], np.int64))])
+            chunk_attn = g.name(f"{p}.chunk_attn")
+            g.op("GroupQueryAttention", [chunk_qkv, "", "", chunk_past_k, chunk_past_v, "chunk_seqlens_k",
+                                         "chunk_total_sequence_length", cos, sin],
+                 outputs=[chunk_attn, chunk_pres_k, chunk_pres_v], domain=MS, num_heads=cfg.num_heads,
+                 kv_num_heads=cfg.num_kv_heads, scale=float(1.0 / np.sqrt(hd)), do_rotary=1, rotary_interleaved=1,
+                 local_window_size=-1)
+            dec_attn = attn
+            attn = g.name(f"{p}.attn_all")
         pool_qkv = g.op("ScatterND", [pool_zeros, slot_index, qkv])
         pool_attn = g.name(f"{p}.pool_attn")
         g.op("GroupQueryAttention", [pool_qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin],
              outputs=[pool_attn, pres_k, pres_v], domain=MS, num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads,
              scale=float(1.0 / np.sqrt(hd)), do_rotary=1, rotary_interleaved=1, local_window_size=-1)
-        g.op("Gather", [pool_attn, "slots"], outputs=[attn], axis=0)
+        if mixed:
+            g.op("Gather", [pool_attn, "slots"], outputs=[dec_attn], axis=0)
+            dec_row = g.op("Reshape", [dec_attn, g.const(g.name("shape_one_row"), np.array([1, -1, hidden_width],
+                                                                                        np.int64))])
+            g.op("Concat", [dec_row, chunk_attn], outputs=[attn], axis=1)
+        else:
+            g.op("Gather", [pool_attn, "slots"], outputs=[attn], axis=0)
         o = b.matmul(attn, w[f"{p}.o"], f"{p}.o_proj")
         h, _, _, residual = g.op("SkipSimplifiedLayerNormalization",
                                  [o, residual, g.const(f"{p}.ffn_norm", w[f"{p}.ffn_norm"])],
@@ -381,9 +413,18 @@ def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: 
                                  [down, residual, g.const(norm_name, norm)], n_out=4, domain=MS, epsilon=eps)
 
     # Only the last position's logits: generation never reads the others.
-    last = g.op("Slice", [h, g.const("slice_last_start", np.array([-1], np.int64)),
-                          g.const("slice_last_end", np.array([np.iinfo(np.int64).max], np.int64)),
-                          g.const("slice_axis_1", np.array([1], np.int64))])
+    if mixed:
+        # Each decode row's position, then the chunk's last: [batch + 1, 1, hidden].
+        n_tokens = g.op("Slice", [g.op("Shape", [ids]), one, two])
+        picks = g.op("Concat", [g.op("Range", [g.const("range_start", np.array(0, np.int64)),
+                                                g.op("Squeeze", [batch]), g.const("range_step", np.array(1, np.int64))]),
+                                g.op("Sub", [n_tokens, one])], axis=0)
+        last = g.op("Reshape", [g.op("Gather", [h, picks], axis=1),
+                                g.const("shape_last_rows", np.array([-1, 1, cfg.hidden_size], np.int64))])
+    else:
+        last = g.op("Slice", [h, g.const("slice_last_start", np.array([-1], np.int64)),
+                              g.const("slice_last_end", np.array([np.iinfo(np.int64).max], np.int64)),
+                              g.const("slice_axis_1", np.array([1], np.int64))])
     # lm_head: MatMulNBits over the 8-bit rows (the tied embedding's Q8_0 blocks, as stored).
     head = w.get("lm_head", embed)
     picker = as_4bit_candidates(head) if lm_head_bits == 4 else head
@@ -417,9 +458,19 @@ def build_fused_model(cfg: LlamaConfig, w: dict, producer: str, accuracy_level: 
         helper.make_tensor_value_info("slots", i64, ["batch_size"]),
         helper.make_tensor_value_info("seqlens_k", i32, ["cache_rows"]),
         helper.make_tensor_value_info("total_sequence_length", i32, []),
-    ] + [helper.make_tensor_value_info(n, f32, kv_shape) for n in past_inputs]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", 1, cfg.vocab_size])] + [
-        helper.make_tensor_value_info(n, f32, kv_shape) for n in present_outputs]
+    ]
+    if mixed:
+        inputs += [
+            helper.make_tensor_value_info("chunk_ids", i64, [1, "chunk_length"]),
+            helper.make_tensor_value_info("chunk_seqlens_k", i32, [1]),
+            helper.make_tensor_value_info("chunk_total_sequence_length", i32, []),
+        ]
+    def kv_info(n: str):
+        return helper.make_tensor_value_info(n, f32, [1, *kv_shape[1:]] if n.startswith("chunk_") else kv_shape)
+    inputs += [kv_info(n) for n in past_inputs]
+    logits_rows = "batch_size_plus_one" if mixed else "batch_size"
+    outputs = [helper.make_tensor_value_info("logits", f32, [logits_rows, 1, cfg.vocab_size])] + [
+        kv_info(n) for n in present_outputs]
     graph = helper.make_graph(g.nodes, "llama_fused_decoder", inputs, outputs, initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name=producer)

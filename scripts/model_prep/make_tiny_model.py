@@ -121,8 +121,10 @@ def main() -> None:
     model = build_model(cfg, weights, producer="streamgate make_tiny_model")
     write_model_folder(args.out_dir, cfg, model, tok, name="streamgate/tiny-llama", **folder)
     if args.fused:
-        fused = build_fused_model(cfg, quantized(weights), producer="streamgate make_tiny_model (fused)")
-        write_model_folder(args.fused, cfg, fused, tok, name="streamgate/tiny-llama-fused", **folder)
+        blocks = quantized(weights)
+        fused = build_fused_model(cfg, blocks, producer="streamgate make_tiny_model (fused)")
+        mixed = build_fused_model(cfg, blocks, producer="streamgate make_tiny_model (fused, mixed step)", mixed=True)
+        write_model_folder(args.fused, cfg, fused, tok, name="streamgate/tiny-llama-fused", mixed=mixed, **folder)
     if args.no_past_fixture:
         write_no_past_fixture(args.no_past_fixture, args.out_dir)
     print(f"wrote {args.out_dir} (vocab {cfg.vocab_size})")

@@ -15,6 +15,9 @@ use crate::error::{InferenceError, Result};
 pub struct ModelFiles {
     pub dir: PathBuf,
     pub onnx_path: PathBuf,
+    /// `model_mixed.onnx`, when the folder has one: the fused layout's graph that runs decode rows
+    /// and a prompt chunk in one pass (scripts/model_prep/llama_fused.py, `mixed=True`).
+    pub mixed_onnx_path: Option<PathBuf>,
     pub tokenizer_path: PathBuf,
     /// A display name: `_name_or_path` from config.json, else the folder name.
     pub name: String,
@@ -72,6 +75,7 @@ impl ModelFiles {
                 return Err(fail(format!("missing {}", file_name(required))));
             }
         }
+        let mixed_onnx_path = Some(dir.join("model_mixed.onnx")).filter(|p| p.is_file());
         let config: ConfigJson = read_optional_json(dir, "config.json")?;
         let generation: GenerationConfigJson = read_optional_json(dir, "generation_config.json")?;
         let tokenizer_config: TokenizerConfigJson = read_optional_json(dir, "tokenizer_config.json")?;
@@ -93,6 +97,7 @@ impl ModelFiles {
             }),
             dir: dir.to_path_buf(),
             onnx_path,
+            mixed_onnx_path,
             tokenizer_path,
             eos_token_ids,
             eos_token_text: token_text(tokenizer_config.eos_token.as_ref()),

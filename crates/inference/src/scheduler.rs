@@ -318,6 +318,9 @@ struct Pacing {
     decode_secs: Option<f64>,
     /// Recent prompt cost per token, seconds (moving average over chunks of any size).
     prefill_secs_per_token: Option<f64>,
+    /// Recent time a prompt chunk adds to a mixed step, per token (its step's time less a decode
+    /// step's; moving average).
+    mixed_secs_per_token: Option<f64>,
 }
 
 impl Pacing {
@@ -332,15 +335,22 @@ impl Pacing {
         self.prefill_secs_per_token = Some(average(self.prefill_secs_per_token, per_token));
     }
 
+    fn record_mixed(&mut self, tokens: usize, took: Duration) {
+        let Some(step) = self.decode_secs else { return };
+        let added = (took.as_secs_f64() - step).max(0.0) / tokens.max(1) as f64;
+        self.mixed_secs_per_token = Some(average(self.mixed_secs_per_token, added));
+    }
+
     /// Tokens for the next prompt chunk: `max` when nothing else decodes (or pacing is off);
-    /// otherwise as many as take about `pace` decode steps. The cost per token is measured on chunks
-    /// of the sizes this picks, fixed overhead included, so the size settles where a chunk's time
-    /// matches the budget.
-    fn chunk(&self, others_decoding: bool, max: usize) -> usize {
+    /// otherwise as many as take about `pace` decode steps — in a pass of their own, or added to a
+    /// mixed step (`mixed`). The cost per token is measured on chunks of the sizes this picks, fixed
+    /// overhead included, so the size settles where a chunk's time matches the budget.
+    fn chunk(&self, others_decoding: bool, mixed: bool, max: usize) -> usize {
         if !others_decoding || self.pace <= 0.0 {
             return max;
         }
-        match (self.decode_secs, self.prefill_secs_per_token) {
+        let per_token = if mixed { self.mixed_secs_per_token } else { self.prefill_secs_per_token };
+        match (self.decode_secs, per_token) {
             (Some(step), Some(per_token)) if per_token > 0.0 => {
                 ((self.pace * step / per_token) as usize).clamp(1, max)
             }
@@ -415,8 +425,10 @@ impl Worker {
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
-            self.prefill_step();
-            self.decode_step();
+            if !self.mixed_step() {
+                self.prefill_step();
+                self.decode_step();
+            }
             self.shared.active.store(self.active.len(), Ordering::SeqCst);
         }
         self.shared.active.store(0, Ordering::SeqCst);
@@ -467,6 +479,14 @@ impl Worker {
 
     /// One chunk of the prompt with the fewest tokens left ([`pick_prompt`]).
     fn prefill_step(&mut self) {
+        let Some((i, chunk)) = self.next_prompt(false) else { return };
+        let outcome = self.prefill(i, chunk);
+        self.settle(vec![(i, outcome)]);
+    }
+
+    /// The prompt to run next ([`pick_prompt`]) and its chunk's size; `None` when no prompt waits.
+    /// `mixed`: the chunk shares a forward pass with the decode rows (sized by its added time).
+    fn next_prompt(&mut self, mixed: bool) -> Option<(usize, usize)> {
         let prompts: Vec<usize> =
             (0..self.active.len()).filter(|&i| self.active[i].is_prefilling()).collect();
         let turns: Vec<PromptTurn> = prompts
@@ -476,7 +496,7 @@ impl Worker {
                 PromptTurn { left: s.prompt_left(), started: s.prompt_started(), passed_over: s.passed_over }
             })
             .collect();
-        let Some(pick) = pick_prompt(&turns, self.max_active) else { return };
+        let pick = pick_prompt(&turns, self.max_active)?;
         let i = prompts[pick];
         if !turns[pick].started {
             // A new prompt goes ahead of those under way: each of them is passed over once more.
@@ -491,12 +511,12 @@ impl Worker {
         // Pace prompts only while they are few next to the streams they would hold up; a burst of
         // new requests fills the batch first (TGI's waiting-served ratio), which serves everyone sooner.
         let pace = decoding > 0 && (waiting as f64) < WAITING_SERVED_RATIO * decoding as f64;
-        let chunk = self.pacing.chunk(pace, self.prefill_chunk);
-        let outcome = self.prefill(i, chunk);
-        self.settle(vec![(i, outcome)]);
+        Some((i, self.pacing.chunk(pace, mixed, self.prefill_chunk)))
     }
 
-    fn prefill(&mut self, i: usize, chunk: usize) -> Result<Option<Step>> {
+    /// The next `chunk` tokens of sequence `i`'s prompt; before its first chunk, the longest cached
+    /// prefix of it is reused instead of run.
+    fn prompt_chunk(&mut self, i: usize, chunk: usize) -> Result<Vec<u32>> {
         let seq = &mut self.active[i];
         if seq.cache.is_empty() {
             let (prompt, cache) = seq.prompt_and_cache();
@@ -507,16 +527,20 @@ impl Worker {
                 self.shared.prefix_tokens_reused.fetch_add(reused as u64, Ordering::SeqCst);
             }
         }
-        let tokens = seq.next_chunk(chunk).to_vec();
+        Ok(seq.next_chunk(chunk).to_vec())
+    }
+
+    fn prefill(&mut self, i: usize, chunk: usize) -> Result<Option<Step>> {
+        let tokens = self.prompt_chunk(i, chunk)?;
+        let seq = &mut self.active[i];
         let n = tokens.len();
         let started = Instant::now();
         let logits = self.model.prefill(&tokens, &mut seq.cache)?;
         let took = started.elapsed();
+        self.pacing.record_prefill(n, took);
         if !seq.fed(n) {
-            self.pacing.record_prefill(n, took);
             return Ok(None); // more of the prompt to run before anything is sampled
         }
-        self.pacing.record_prefill(n, took);
         let rules =
             TokenRules { tokenizer: &self.tokenizer, eos: &self.eos, context_length: self.context_length };
         let step = seq.on_logits(logits, &rules)?;
@@ -524,6 +548,88 @@ impl Worker {
         let (prompt, cache) = seq.prompt_and_cache();
         self.model.remember_prompt(cache, prompt);
         Ok(Some(step))
+    }
+
+    /// Where the model has a mixed-step graph and a prompt waits while others decode: one token
+    /// for every decoding sequence and the next chunk of a prompt in one forward pass, so a prompt
+    /// admitted under load costs the running streams only its own tokens' share of a step, not a
+    /// pass of its own. Returns false, having run nothing, when that is not the case.
+    fn mixed_step(&mut self) -> bool {
+        if !self.model.has_mixed_steps() {
+            return false;
+        }
+        let rows: Vec<usize> = (0..self.active.len()).filter(|&i| !self.active[i].is_prefilling()).collect();
+        if rows.is_empty() || rows.len() == self.active.len() {
+            return false;
+        }
+        let Some((p, chunk)) = self.next_prompt(true) else { return false };
+        let tokens = match self.prompt_chunk(p, chunk) {
+            Ok(tokens) => tokens,
+            Err(e) => {
+                self.settle(vec![(p, Err(e))]);
+                return true;
+            }
+        };
+        let n = tokens.len();
+        let ids: Vec<u32> = rows.iter().map(|&i| self.active[i].last_token()).collect();
+        self.shared.batch_size.store(rows.len(), Ordering::SeqCst);
+        self.shared.peak_batch_size.fetch_max(rows.len(), Ordering::SeqCst);
+        self.shared.decode_steps.fetch_add(1, Ordering::SeqCst);
+        let started = Instant::now();
+        let Self { model, active, tokenizer, eos, context_length, shared, pacing, .. } = self;
+        let mut prompt = None;
+        let mut caches = Vec::with_capacity(rows.len());
+        for (i, seq) in active.iter_mut().enumerate() {
+            if i == p {
+                prompt = Some(&mut seq.cache);
+            } else if rows.contains(&i) {
+                caches.push(&mut seq.cache);
+            }
+        }
+        let result = match prompt {
+            Some(prompt) => model.mixed_step(&mut caches, &ids, &tokens, prompt),
+            None => Err(InferenceError::Runtime("the prompt's sequence is gone".into())),
+        };
+        let mut prompt_done = false;
+        let outcomes = match result {
+            Ok(logits) => {
+                pacing.record_mixed(n, started.elapsed());
+                let rules = TokenRules { tokenizer, eos, context_length: *context_length };
+                let vocab = logits.len() / (rows.len() + 1);
+                let mut per_row = logits.chunks_exact_mut(vocab.max(1));
+                let mut outcomes: Vec<_> = rows
+                    .iter()
+                    .zip(&mut per_row)
+                    .map(|(&i, row)| {
+                        let outcome = active[i].on_logits(row, &rules).map(Some);
+                        shared.tokens_generated.fetch_add(1, Ordering::Relaxed);
+                        (i, outcome)
+                    })
+                    .collect();
+                let seq = &mut active[p];
+                let outcome = match (seq.fed(n), per_row.next()) {
+                    (false, _) => Ok(None), // more of the prompt to run before anything is sampled
+                    (true, Some(row)) => {
+                        prompt_done = true;
+                        shared.tokens_generated.fetch_add(1, Ordering::Relaxed);
+                        seq.on_logits(row, &rules).map(Some)
+                    }
+                    (true, None) => Err(InferenceError::Runtime("the mixed step gave no prompt logits".into())),
+                };
+                outcomes.push((p, outcome));
+                outcomes
+            }
+            Err(e) => {
+                let message = e.to_string();
+                rows.iter().chain([&p]).map(|&i| (i, Err(InferenceError::Runtime(message.clone())))).collect()
+            }
+        };
+        if prompt_done {
+            let (prompt, cache) = self.active[p].prompt_and_cache();
+            self.model.remember_prompt(cache, prompt);
+        }
+        self.settle(outcomes);
+        true
     }
 
     /// One token for every sequence past its prompt, in one forward pass.

@@ -147,6 +147,86 @@ fn prompts_set_aside_for_another_resume_exactly() {
     assert_eq!(a.len(), long.len());
 }
 
+/// A mixed step (decode rows and a prompt chunk in one pass of model_mixed.onnx) gives every
+/// decode row and the chunk the logits they get in passes of their own, with the positions in the
+/// right rows: a sequence decoding alone in staging moves to its pool row first, the prompt's two
+/// chunks build on each other, and afterwards all of them decode together from the pool.
+#[test]
+fn a_mixed_step_gives_each_row_and_the_chunk_their_own_logits() {
+    let env = init_runtime(&ort_dylib()).expect("runtime");
+    let files = ModelFiles::read(&tiny_fused_model_dir()).expect("files");
+    assert!(files.mixed_onnx_path.is_some(), "the tiny fused model has its mixed-step graph");
+    let tok = TextTokenizer::from_file(&files.tokenizer_path).expect("tokenizer");
+    let long = tok.encode(&PROMPT.repeat(3)).expect("encode");
+    let short = tok.encode("A short question about streams?").expect("encode");
+    let other = tok.encode("Another request, about something else.").expect("encode");
+    let half = long.len() / 2;
+    let pool =
+        PoolOptions { slots: 4, slot_len: long.len() + 8, prefix_cache_bytes: 0, batch_invariant: false };
+    let options = SessionOptions { intra_threads: 1, spinning: false, pool };
+    let new_cache = |model: &mut DecoderModel| model.new_cache().expect("cache").expect("a free slot");
+    let argmax = streamgate_inference::sampling::argmax;
+
+    // Apart, in a model of its own: b decodes alone for four steps, c runs its prompt and one
+    // step, the long prompt runs in two chunks, then the long one and b decode together.
+    let mut apart = DecoderModel::load(&env, &files, &options).expect("model");
+    let mut b = new_cache(&mut apart);
+    let mut tb = vec![argmax(apart.prefill(&short, &mut b).expect("b's prompt"))];
+    let mut b_steps = Vec::new();
+    for _ in 0..4 {
+        let logits = apart.decode(&mut [&mut b], &[*tb.last().unwrap()]).expect("b alone").to_vec();
+        tb.push(argmax(&logits));
+        b_steps.push(logits);
+    }
+    let mut c = new_cache(&mut apart);
+    let c_prompt = apart.prefill(&other, &mut c).expect("c's prompt").to_vec();
+    let tc = argmax(&c_prompt);
+    let c_step = apart.decode(&mut [&mut c], &[tc]).expect("c alone").to_vec();
+    apart.release(c, None);
+    let mut a = new_cache(&mut apart);
+    let a_first = apart.prefill(&long[..half], &mut a).expect("first half").to_vec();
+    let a_whole = apart.prefill(&long[half..], &mut a).expect("second half").to_vec();
+    let ta = argmax(&a_whole);
+    let together_apart = apart.decode(&mut [&mut a, &mut b], &[ta, tb[4]]).expect("together").to_vec();
+    drop(apart);
+
+    // Mixed (every decoding sequence is in every step, as the scheduler runs them: a pool row
+    // left out of a step has its first position overwritten, like any idle row).
+    let mut model = DecoderModel::load(&env, &files, &options).expect("model");
+    assert!(model.has_mixed_steps());
+    let mut b = new_cache(&mut model);
+    model.prefill(&short, &mut b).expect("b's prompt");
+    let logits = model.decode(&mut [&mut b], &[tb[0]]).expect("b alone, in staging").to_vec();
+    assert!(max_diff(&logits, &b_steps[0]) < 1e-4, "b's first step");
+    // b leaves staging for its pool row; c's whole prompt runs beside it.
+    let mut c = new_cache(&mut model);
+    let both = model.mixed_step(&mut [&mut b], &[tb[1]], &other, &mut c).expect("mixed 1").to_vec();
+    let (row, chunk) = both.split_at(both.len() / 2);
+    assert!(max_diff(row, &b_steps[1]) < 1e-4, "b's row in the first mixed step");
+    assert!(max_diff(chunk, &c_prompt) < 1e-4, "c's prompt in the first mixed step");
+    // c's prompt has just run in staging: it decodes in the pool beside the long prompt's first chunk.
+    let mut a = new_cache(&mut model);
+    let three =
+        model.mixed_step(&mut [&mut b, &mut c], &[tb[2], tc], &long[..half], &mut a).expect("mixed 2").to_vec();
+    let v = three.len() / 3;
+    assert!(max_diff(&three[..v], &b_steps[2]) < 1e-4, "b's row in the second mixed step");
+    assert!(max_diff(&three[v..2 * v], &c_step) < 1e-4, "c's row in the second mixed step");
+    assert!(max_diff(&three[2 * v..], &a_first) < 1e-4, "the long prompt's first chunk");
+    // The second chunk builds on the first.
+    let tc2 = argmax(&three[v..2 * v]);
+    let three =
+        model.mixed_step(&mut [&mut b, &mut c], &[tb[3], tc2], &long[half..], &mut a).expect("mixed 3").to_vec();
+    assert!(max_diff(&three[..v], &b_steps[3]) < 1e-4, "b's row in the third mixed step");
+    assert!(max_diff(&three[2 * v..], &a_whole) < 1e-4, "the long prompt's second chunk");
+    assert_eq!((a.len(), b.len(), c.len()), (long.len(), short.len() + 4, other.len() + 2));
+    model.release(c, None);
+    // The long one leaves staging; both decode from their pool rows.
+    let together = model.decode(&mut [&mut a, &mut b], &[ta, tb[4]]).expect("a and b").to_vec();
+    assert!(max_diff(&together, &together_apart) < 1e-4, "a and b from their pool rows");
+    let err = model.mixed_step(&mut [&mut a], &[0], &[], &mut b).err();
+    assert!(err.is_some_and(|e| e.to_string().contains("prompt chunk")), "an empty chunk is refused");
+}
+
 /// A short request that arrives while a long prompt is being processed is answered first: its
 /// prompt runs ahead of the long one's remaining chunks. On the real model, whose 2,000-token
 /// prompt takes seconds (the short one is sent a little after it, so it finds that prompt under

@@ -47,3 +47,34 @@ fn a_corrupt_tokenizer_is_a_model_files_error() {
     std::fs::write(dir.join("tokenizer.json"), b"{\"nope\": 1}").unwrap();
     assert!(matches!(start(&dir), Err(InferenceError::ModelFiles { .. })));
 }
+
+/// A copy of the tiny fused folder with `mixed` as its model_mixed.onnx (or none).
+fn fused_folder(name: &str, mixed: Option<&Path>) -> PathBuf {
+    let dir = scratch(name);
+    for file in std::fs::read_dir(tiny_fused_model_dir()).unwrap() {
+        let file = file.unwrap().path();
+        if file.file_name().is_some_and(|n| n != "model_mixed.onnx") {
+            std::fs::copy(&file, dir.join(file.file_name().unwrap())).unwrap();
+        }
+    }
+    let _ = std::fs::remove_file(dir.join("model_mixed.onnx"));
+    if let Some(mixed) = mixed {
+        std::fs::copy(mixed, dir.join("model_mixed.onnx")).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn a_fused_folder_without_its_mixed_step_graph_still_serves() {
+    let dir = fused_folder("no-mixed", None);
+    let engine = start(&dir).expect("a fused folder without model_mixed.onnx starts");
+    drop(engine);
+}
+
+#[test]
+fn a_mixed_step_graph_that_does_not_match_is_named() {
+    // The plain fused graph in the mixed graph's place: it lacks the chunk inputs.
+    let dir = fused_folder("wrong-mixed", Some(&tiny_fused_model_dir().join("model.onnx")));
+    let err = start(&dir).err().expect("fails").to_string();
+    assert!(err.contains("model_mixed.onnx") && err.contains("chunk_ids"), "{err}");
+}

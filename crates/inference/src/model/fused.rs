@@ -35,7 +35,7 @@
 use std::collections::HashMap;
 
 use ort::memory::{Allocator, MemoryInfo};
-use ort::session::{IoBinding, Session};
+use ort::session::{IoBinding, Session, SessionOutputs};
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRefMut};
 
 use super::graph::{CacheIo, Interrupt, ModelShape, unsupported};
@@ -83,9 +83,17 @@ pub struct PoolOptions {
 /// Finished sequences shorter than this are not kept for reuse (recomputing them is cheap).
 const MIN_PREFIX_TOKENS: usize = 16;
 
+/// The mixed-step graph (`model_mixed.onnx`): the decode rows on the pool and a prompt chunk on
+/// staging in one pass, bound to the very same buffers.
+struct Mixed {
+    session: Session,
+    binding: IoBinding,
+}
+
 /// A fused-layout session, owned by one worker thread.
 pub struct FusedModel {
     session: Session,
+    mixed: Option<Mixed>,
     shape: ModelShape,
     interrupt: Interrupt,
     slot_len: usize,
@@ -116,6 +124,7 @@ pub struct FusedModel {
 impl FusedModel {
     pub(super) fn new(
         session: Session,
+        mixed: Option<Session>,
         files: &ModelFiles,
         interrupt: Interrupt,
         options: &PoolOptions,
@@ -135,8 +144,14 @@ impl FusedModel {
         staging.binding.bind_output("logits", &mut staging_logits).map_err(rt)?;
         let row_zero = Tensor::from_array(([1usize], vec![0i64])).map_err(rt)?;
         staging.binding.bind_input("slots", &row_zero).map_err(rt)?;
+        let mut pool = pool;
+        let mixed = match mixed {
+            Some(session) => Some(Mixed::new(session, files, &shape, &mut pool, &mut staging)?),
+            None => None,
+        };
         Ok(Self {
             session,
+            mixed,
             interrupt,
             slot_len,
             pool,
@@ -160,6 +175,11 @@ impl FusedModel {
 
     pub fn interrupt(&self) -> Interrupt {
         self.interrupt.clone()
+    }
+
+    /// Whether [`Self::mixed_step`] can run (the folder has the mixed-step graph).
+    pub fn has_mixed_steps(&self) -> bool {
+        self.mixed.is_some()
     }
 
     /// How many sequences can decode together (the pool's rows, less a padding row).
@@ -262,16 +282,7 @@ impl FusedModel {
         if caches.len() != ids.len() || caches.is_empty() {
             return Err(InferenceError::Runtime("a decode step needs one token per sequence".into()));
         }
-        // A sequence set aside right after its prompt ran decodes from its pool row: its positions
-        // go there first (the scheduler decodes a finished prompt before another takes staging, so
-        // this is a safeguard).
-        if !self.parked.is_empty() {
-            for cache in caches.iter() {
-                if let Some((len, kv)) = self.parked.remove(&cache.slot) {
-                    self.pool.write_rows(cache.slot, &kv, len, len, self.slot_len, &self.shape)?;
-                }
-            }
-        }
+        self.restore_parked(caches)?;
         if let [cache] = caches
             && self.padding_row.is_none()
             && self.staged.is_none_or(|slot| slot == cache.slot)
@@ -287,11 +298,107 @@ impl FusedModel {
             self.staged_decoding = true;
             return Ok(self.staging_logits.extract_tensor_mut().1);
         }
-        for cache in caches.iter() {
+        self.unstage(caches)?;
+        // A lone sequence gets a padding row, so that the step takes the multi-row kernels.
+        let (input_ids, slots) = self.pool_inputs(caches, ids, self.padding_row)?;
+        self.pool.binding.bind_input("input_ids", &input_ids).map_err(rt)?;
+        self.pool.binding.bind_input("slots", &slots).map_err(rt)?;
+        // The batch changes from step to step: ONNX Runtime allocates this step's logits (a bound
+        // tensor would fix their shape).
+        self.pool.binding.bind_output_to_device("logits", &MemoryInfo::default()).map_err(rt)?;
+        let outputs =
+            self.session.run_binding_with_options(&self.pool.binding, &self.interrupt.0).map_err(rt)?;
+        let logits = take_logits(outputs)?;
+        for cache in caches.iter_mut() {
+            cache.len += 1;
+        }
+        self.keep_logits(logits, caches.len())
+    }
+
+    /// One decode step for every sequence in `caches` and the prompt chunk `chunk` of `prompt`
+    /// (at positions `prompt.len()..`, in staging) in one forward pass of the mixed-step graph: the
+    /// projections read their weights once for both. The decode rows' logits, then the chunk's
+    /// last position's: `[(caches.len() + 1) * vocab]`, in place.
+    pub fn mixed_step(
+        &mut self,
+        caches: &mut [&mut Cache],
+        ids: &[u32],
+        chunk: &[u32],
+        prompt: &mut Cache,
+    ) -> Result<&mut [f32]> {
+        let rt = InferenceError::runtime;
+        if self.mixed.is_none() {
+            return Err(InferenceError::Runtime("this model has no mixed-step graph (model_mixed.onnx)".into()));
+        }
+        if caches.len() != ids.len() || caches.is_empty() || chunk.is_empty() {
+            return Err(InferenceError::Runtime(
+                "a mixed step needs one token per decoding sequence and a prompt chunk".into(),
+            ));
+        }
+        if caches.iter().any(|c| c.slot == prompt.slot) {
+            return Err(InferenceError::Runtime("a sequence cannot decode while its prompt runs".into()));
+        }
+        self.restore_parked(caches)?;
+        // Staging is the chunk's: a decode row whose positions are there (a lone decoder, or a
+        // prompt that has just finished) moves to its pool row first.
+        self.unstage(caches)?;
+        self.take_staging(prompt)?;
+        let total = self.check_fits(prompt.len, chunk.len())?;
+        let (input_ids, slots) = self.pool_inputs(caches, ids, None)?;
+        let chunk_ids: Vec<i64> = chunk.iter().map(|&t| i64::from(t)).collect();
+        let chunk_ids = Tensor::from_array(([1usize, chunk_ids.len()], chunk_ids)).map_err(rt)?;
+        self.staging.seqlens_k.extract_tensor_mut().1[0] = total - 1;
+        self.staging.total_len.extract_tensor_mut().1[0] = total;
+        let Some(mixed) = self.mixed.as_mut() else {
+            return Err(InferenceError::Runtime("this model has no mixed-step graph (model_mixed.onnx)".into()));
+        };
+        mixed.binding.bind_input("input_ids", &input_ids).map_err(rt)?;
+        mixed.binding.bind_input("slots", &slots).map_err(rt)?;
+        mixed.binding.bind_input("chunk_ids", &chunk_ids).map_err(rt)?;
+        mixed.binding.bind_output_to_device("logits", &MemoryInfo::default()).map_err(rt)?;
+        let outputs = mixed.session.run_binding_with_options(&mixed.binding, &self.interrupt.0).map_err(rt)?;
+        let logits = take_logits(outputs)?;
+        for cache in caches.iter_mut() {
+            cache.len += 1;
+        }
+        prompt.len += chunk.len();
+        self.staged_len = prompt.len;
+        self.keep_logits(logits, caches.len() + 1)
+    }
+
+    /// A sequence set aside right after its prompt ran decodes from its pool row: its positions
+    /// go there first (the scheduler decodes a finished prompt before another takes staging, so
+    /// this is a safeguard).
+    fn restore_parked(&mut self, caches: &[&mut Cache]) -> Result<()> {
+        if !self.parked.is_empty() {
+            for cache in caches {
+                if let Some((len, kv)) = self.parked.remove(&cache.slot) {
+                    self.pool.write_rows(cache.slot, &kv, len, len, self.slot_len, &self.shape)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A sequence about to decode in the pool whose positions are in staging moves them to its row.
+    fn unstage(&mut self, caches: &[&mut Cache]) -> Result<()> {
+        for cache in caches {
             if self.staged == Some(cache.slot) {
                 self.commit_staging(cache.slot, cache.len)?;
             }
         }
+        Ok(())
+    }
+
+    /// A pool step's `seqlens_k` and `total_sequence_length` (set in place) and its `input_ids` and
+    /// `slots`; `padding` adds that row to a lone sequence.
+    fn pool_inputs(
+        &mut self,
+        caches: &[&mut Cache],
+        ids: &[u32],
+        padding: Option<usize>,
+    ) -> Result<(Tensor<i64>, Tensor<i64>)> {
+        let rt = InferenceError::runtime;
         let totals = caches.iter().map(|c| self.check_fits(c.len, 1)).collect::<Result<Vec<_>>>()?;
         let total = totals.iter().copied().max().unwrap_or(1);
         let seqlens = self.pool.seqlens_k.extract_tensor_mut().1;
@@ -305,32 +412,22 @@ impl FusedModel {
         self.pool.total_len.extract_tensor_mut().1[0] = total;
         let mut ids: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
         let mut slots: Vec<i64> = caches.iter().map(|c| c.slot as i64).collect();
-        let batch = ids.len();
-        // A lone sequence gets a padding row, so that the step takes the multi-row kernels.
-        if let (1, Some(row)) = (batch, self.padding_row) {
+        if let (1, Some(row)) = (ids.len(), padding) {
             ids.push(0);
             slots.push(row as i64);
         }
         let rows = ids.len();
         let input_ids = Tensor::from_array(([rows, 1usize], ids)).map_err(rt)?;
         let slots = Tensor::from_array(([rows], slots)).map_err(rt)?;
-        self.pool.binding.bind_input("input_ids", &input_ids).map_err(rt)?;
-        self.pool.binding.bind_input("slots", &slots).map_err(rt)?;
-        // The batch changes from step to step: ONNX Runtime allocates this step's logits (a bound
-        // tensor would fix their shape).
-        self.pool.binding.bind_output_to_device("logits", &MemoryInfo::default()).map_err(rt)?;
-        let mut outputs =
-            self.session.run_binding_with_options(&self.pool.binding, &self.interrupt.0).map_err(rt)?;
-        let logits = outputs
-            .remove("logits")
-            .ok_or_else(|| InferenceError::Runtime("the model produced no 'logits' output".into()))?;
-        drop(outputs);
-        for cache in caches.iter_mut() {
-            cache.len += 1;
-        }
+        Ok((input_ids, slots))
+    }
+
+    /// Keep a step's logits (allocated by ONNX Runtime) and return the first `rows` of them.
+    fn keep_logits(&mut self, logits: DynValue, rows: usize) -> Result<&mut [f32]> {
+        let rt = InferenceError::runtime;
         let logits = self.batch_logits.insert(logits);
         let (_, data) = logits.try_extract_tensor_mut::<f32>().map_err(rt)?;
-        let want = batch * self.shape.vocab_size;
+        let want = rows * self.shape.vocab_size;
         let got = data.len();
         data.get_mut(..want)
             .ok_or_else(|| InferenceError::Runtime(format!("expected {want} logits, got {got}")))
@@ -388,6 +485,53 @@ impl FusedModel {
     }
 }
 
+impl Mixed {
+    /// Check that the graph is the mixed step of the model's own graph and bind the pool (as the
+    /// decode rows' cache) and staging (as the chunk's) in a binding of its own.
+    fn new(
+        session: Session,
+        files: &ModelFiles,
+        shape: &ModelShape,
+        pool: &mut Buffers,
+        staging: &mut Buffers,
+    ) -> Result<Self> {
+        let (past_names, present_names) = shape.cache_names();
+        let inputs = session.inputs();
+        let outputs = session.outputs();
+        let chunk_past: Vec<String> = past_names.iter().map(|n| format!("chunk_{n}")).collect();
+        let wanted = ["input_ids", "slots", "seqlens_k", "total_sequence_length", "chunk_ids"]
+            .into_iter()
+            .map(String::from)
+            .chain(["chunk_seqlens_k", "chunk_total_sequence_length"].map(String::from))
+            .chain(past_names.iter().cloned())
+            .chain(chunk_past);
+        for name in wanted {
+            if !inputs.iter().any(|i| i.name() == name) {
+                return Err(InferenceError::UnsupportedModel {
+                    path: files.dir.join("model_mixed.onnx"),
+                    reason: format!(
+                        "not the mixed step of this folder's model.onnx: missing input '{name}' (rebuild \
+                         the folder with scripts/model_prep/gguf_to_onnx.py, or delete model_mixed.onnx)"
+                    ),
+                });
+            }
+        }
+        let chunk_present = present_names.iter().map(|n| format!("chunk_{n}"));
+        for name in present_names.iter().cloned().chain(chunk_present).chain(["logits".to_string()]) {
+            if !outputs.iter().any(|o| o.name() == name) {
+                return Err(InferenceError::UnsupportedModel {
+                    path: files.dir.join("model_mixed.onnx"),
+                    reason: format!("not the mixed step of this folder's model.onnx: missing output '{name}'"),
+                });
+            }
+        }
+        let mut binding = session.create_binding().map_err(InferenceError::runtime)?;
+        pool.bind(&mut binding, "", &past_names, &present_names)?;
+        staging.bind(&mut binding, "chunk_", &past_names, &present_names)?;
+        Ok(Self { session, binding })
+    }
+}
+
 impl Buffers {
     /// Uninitialized buffers (the graph reads only positions it has written), bound once as both
     /// past and present, with in-place `seqlens_k` and `total_sequence_length` inputs.
@@ -401,25 +545,29 @@ impl Buffers {
     ) -> Result<Self> {
         let rt = InferenceError::runtime;
         let dims = [rows, shape.kv_heads, slot_len, shape.head_dim];
-        let mut binding = session.create_binding().map_err(rt)?;
-        let mut kv = Vec::with_capacity(past_names.len());
         let len = dims.iter().product();
-        for (past, present) in past_names.iter().zip(present_names) {
-            // Zeroed by the allocator on demand: a page costs memory only once a position in it
-            // is written. Owned by the tensor (so binding it as an input copies nothing); the
-            // output is a view of the same memory, which makes GroupQueryAttention write in place.
-            let mut buffer = Tensor::from_array((dims, vec![0f32; len])).map_err(rt)?;
-            binding.bind_input(past.as_str(), &buffer).map_err(rt)?;
-            let view =
-                TensorRefMut::from_array_view_mut((dims, buffer.extract_tensor_mut().1)).map_err(rt)?;
-            binding.bind_output(present.as_str(), view).map_err(rt)?;
-            kv.push(buffer);
-        }
+        // Zeroed by the allocator on demand: a page costs memory only once a position in it is
+        // written. Owned by the tensor (so binding it as an input copies nothing).
+        let mut kv = past_names
+            .iter()
+            .map(|_| Tensor::from_array((dims, vec![0f32; len])).map_err(rt))
+            .collect::<Result<Vec<_>>>()?;
         let seqlens_k = Tensor::from_array(([rows], vec![0i32; rows])).map_err(rt)?;
         let total_len = Tensor::from_array((Vec::<usize>::new(), vec![0i32])).map_err(rt)?;
-        binding.bind_input("seqlens_k", &seqlens_k).map_err(rt)?;
-        binding.bind_input("total_sequence_length", &total_len).map_err(rt)?;
+        let mut binding = session.create_binding().map_err(rt)?;
+        bind_buffers(&mut binding, "", &mut kv, &seqlens_k, &total_len, past_names, present_names)?;
         Ok(Self { binding, kv, seqlens_k, total_len, rows })
+    }
+
+    /// Bind these buffers in another binding too (`prefix` + the graph's names).
+    fn bind(
+        &mut self,
+        binding: &mut IoBinding,
+        prefix: &str,
+        past_names: &[String],
+        present_names: &[String],
+    ) -> Result<()> {
+        bind_buffers(binding, prefix, &mut self.kv, &self.seqlens_k, &self.total_len, past_names, present_names)
     }
 
     /// Row `row`'s first `len` positions, compact: `[tensor][kv_head][position][head_dim]`.
@@ -463,6 +611,35 @@ impl Buffers {
         }
         Ok(())
     }
+}
+
+/// Bind KV buffers in `binding` as both past and present (`prefix` + the graph's names), with
+/// their `seqlens_k` and `total_sequence_length`. The outputs are views of the inputs' memory,
+/// which makes GroupQueryAttention write in place.
+fn bind_buffers(
+    binding: &mut IoBinding,
+    prefix: &str,
+    kv: &mut [Tensor<f32>],
+    seqlens_k: &Tensor<i32>,
+    total_len: &Tensor<i32>,
+    past_names: &[String],
+    present_names: &[String],
+) -> Result<()> {
+    let rt = InferenceError::runtime;
+    for ((past, present), buffer) in past_names.iter().zip(present_names).zip(kv.iter_mut()) {
+        binding.bind_input(format!("{prefix}{past}"), &*buffer).map_err(rt)?;
+        let dims: Vec<usize> = buffer.shape().iter().map(|&d| d as usize).collect();
+        let view = TensorRefMut::from_array_view_mut((dims, buffer.extract_tensor_mut().1)).map_err(rt)?;
+        binding.bind_output(format!("{prefix}{present}"), view).map_err(rt)?;
+    }
+    binding.bind_input(format!("{prefix}seqlens_k"), seqlens_k).map_err(rt)?;
+    binding.bind_input(format!("{prefix}total_sequence_length"), total_len).map_err(rt)?;
+    Ok(())
+}
+
+/// A step's `logits` output, out of the run's outputs.
+fn take_logits(mut outputs: SessionOutputs<'_>) -> Result<DynValue> {
+    outputs.remove("logits").ok_or_else(|| InferenceError::Runtime("the model produced no 'logits' output".into()))
 }
 
 /// Copy the first `len` positions of row `from_row` of one set of KV buffers into row `to_row` of

@@ -20,8 +20,10 @@ pub mod prefix_cache;
 pub use graph::{Interrupt, ModelShape};
 
 use ort::environment::Environment;
+use std::path::Path;
+
 use ort::session::Session;
-use ort::session::builder::GraphOptimizationLevel;
+use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
 
 use crate::error::{InferenceError, Result};
 use crate::model_files::ModelFiles;
@@ -88,20 +90,19 @@ impl DecoderModel {
     /// layout needs; a graph that is neither gets an error saying what was expected.
     pub fn load(env: &Environment, files: &ModelFiles, options: &SessionOptions) -> Result<Self> {
         let path = files.onnx_path.clone();
-        let session = Session::builder(env)
-            .map_err(InferenceError::runtime)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(InferenceError::runtime)?
-            .with_intra_threads(options.intra_threads.max(1))
-            .map_err(InferenceError::runtime)?
-            .with_intra_op_spinning(options.spinning)
-            .map_err(InferenceError::runtime)?
-            .commit_from_file(&path)
-            .map_err(|e| InferenceError::UnsupportedModel { path: path.clone(), reason: e.to_string() })?;
+        // The mixed-step graph has the same weights under the same names: with one container of
+        // prepacked weights, its session reuses the first one's instead of holding a second copy.
+        let prepacked = files.mixed_onnx_path.as_ref().map(|_| PrepackedWeights::new());
+        let session = open_session(env, &path, options, prepacked.as_ref())?;
         let interrupt = Interrupt::new()?;
         let has_input = |name: &str| session.inputs().iter().any(|i| i.name() == name);
         if has_input("seqlens_k") {
-            fused::FusedModel::new(session, files, interrupt, &options.pool).map(|m| Self::Fused(Box::new(m)))
+            let mixed = match &files.mixed_onnx_path {
+                Some(mixed) => Some(open_session(env, mixed, options, prepacked.as_ref())?),
+                None => None,
+            };
+            fused::FusedModel::new(session, mixed, files, interrupt, &options.pool)
+                .map(|m| Self::Fused(Box::new(m)))
         } else if has_input("attention_mask") {
             optimum::OptimumModel::new(session, files, interrupt).map(Self::Optimum)
         } else {
@@ -192,6 +193,34 @@ impl DecoderModel {
         }
     }
 
+    /// Whether [`Self::mixed_step`] can run (a fused model with its mixed-step graph).
+    pub fn has_mixed_steps(&self) -> bool {
+        matches!(self, Self::Fused(m) if m.has_mixed_steps())
+    }
+
+    /// One decode token for each of `caches` and the prompt chunk `chunk` of `prompt`, in one
+    /// forward pass: the decode rows' logits, then the chunk's last position's, `[(caches.len() + 1)
+    /// * vocab]`, in the model's own buffer.
+    pub fn mixed_step(
+        &mut self,
+        caches: &mut [&mut KvCache],
+        ids: &[u32],
+        chunk: &[u32],
+        prompt: &mut KvCache,
+    ) -> Result<&mut [f32]> {
+        let (Self::Fused(m), KvCache::Fused(prompt)) = (self, prompt) else {
+            return Err(InferenceError::Runtime("mixed steps need the fused layout".into()));
+        };
+        let mut rows = caches
+            .iter_mut()
+            .map(|c| match &mut **c {
+                KvCache::Fused(c) => Ok(c),
+                KvCache::Optimum(_) => Err(mismatch()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        m.mixed_step(&mut rows, ids, chunk, prompt)
+    }
+
     /// One token for each sequence (`ids[i]` extends `caches[i]`); the logits of all of them,
     /// `[caches.len() * vocab]`, in the model's own buffer.
     pub fn decode(&mut self, caches: &mut [&mut KvCache], ids: &[u32]) -> Result<&mut [f32]> {
@@ -218,6 +247,30 @@ impl DecoderModel {
             }
         }
     }
+}
+
+/// One graph's session with the engine's settings; `prepacked` shares prepacked weights between
+/// sessions of graphs with the same initializers.
+fn open_session(
+    env: &Environment,
+    path: &Path,
+    options: &SessionOptions,
+    prepacked: Option<&PrepackedWeights>,
+) -> Result<Session> {
+    let mut builder = Session::builder(env)
+        .map_err(InferenceError::runtime)?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(InferenceError::runtime)?
+        .with_intra_threads(options.intra_threads.max(1))
+        .map_err(InferenceError::runtime)?
+        .with_intra_op_spinning(options.spinning)
+        .map_err(InferenceError::runtime)?;
+    if let Some(weights) = prepacked {
+        builder = builder.with_prepacked_weights(weights).map_err(InferenceError::runtime)?;
+    }
+    builder
+        .commit_from_file(path)
+        .map_err(|e| InferenceError::UnsupportedModel { path: path.to_path_buf(), reason: e.to_string() })
 }
 
 fn mismatch() -> InferenceError {
