@@ -29,6 +29,24 @@ projections, which are most of the cost, run on active rows only and no sequence
 another joins or leaves. A prompt chunk (seq > 1 with a past) must run with one cache row: that is
 ONNX Runtime's GroupQueryAttention rule.
 
+The mixed step (`mixed=True`, written as model_mixed.onnx beside model.onnx) runs both at once:
+the decode rows as above plus one prompt chunk on a one-row cache of its own, in one pass, so the
+projections read their weights once for both (a chunk in a pass of its own costs about a whole
+decode step before its first token). Its extra inputs and outputs:
+
+    chunk_ids                          int64 [1, chunk]      (at least one token)
+    chunk_seqlens_k                    int32 [1]
+    chunk_total_sequence_length        int32 []
+    chunk_past_key_values.{i}.key / .value   float32 [1, kv_heads, max_len, head_dim]
+    -> logits                          float32 [batch + 1, 1, vocab]   (the decode rows, then the chunk's last position)
+    -> chunk_present.{i}.key / .value  bound to the chunk's past buffers
+
+The decode rows' and the chunk's tokens run as one sequence of `batch + chunk` tokens through
+every projection and norm; each layer splits them for the two GroupQueryAttention nodes and joins
+the results. The weights keep their names, so the engine's two sessions share their prepacked
+copies. It needs at least one decode row and one chunk token (GroupQueryAttention refuses an empty
+one); the engine uses model.onnx for steps that have only one kind.
+
 Weights. A GGUF Q4_1 block of 32 weights along K is `w = d*q + m` (q in 0..15). MatMulNBits with
 bits=4 computes `d*(q - z)` with an integer zero point z; choosing z = round(-m/d) leaves a per-block
 residual `r = m + d*z` (|r| <= d/2 when the block straddles 0), whose contribution to `x @ W^T` is

@@ -61,6 +61,7 @@ pub fn load_models(settings: &Settings, logger: &Logger) -> Result<ModelRegistry
             prefix_cache_mb: settings.prefix_cache_mb,
             prefill_pace: settings.prefill_pace,
             batch_invariant: settings.batch_invariant,
+            mixed_steps: settings.mixed_steps,
         })
         .map_err(|e| format!("model version {}: {e}", spec.version))?;
         let info = engine.info();

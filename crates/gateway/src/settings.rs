@@ -177,6 +177,14 @@ pub struct Settings {
     #[arg(long, env = "STREAMGATE_BATCH_INVARIANT", default_value_t = false)]
     pub batch_invariant: bool,
 
+    /// Run the decode steps and a new prompt's chunks in one forward pass, where the model folder
+    /// has the mixed-step graph (model_mixed.onnx, written by `make setup`): running streams slow
+    /// down by the chunk's share of a step while a prompt is admitted, instead of waiting for a
+    /// pass of its own. Costs a second ONNX Runtime session: about 190 MB more memory for the
+    /// default model.
+    #[arg(long, env = "STREAMGATE_MIXED_STEPS", default_value_t = false)]
+    pub mixed_steps: bool,
+
     /// Positions per generation, prompt plus output (default: the model's context length, capped
     /// at 4096). Every KV slot holds this many positions, so the pool's memory is
     /// slots x this x the model's KV bytes per position.

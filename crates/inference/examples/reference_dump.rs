@@ -57,6 +57,7 @@ fn main() -> Result<(), AnyError> {
             slot_len: prompt_ids.len(),
             prefix_cache_bytes: 0,
             batch_invariant: false,
+            mixed_steps: false,
         };
         let options = SessionOptions { intra_threads: input.threads, spinning: true, pool };
         let mut model = DecoderModel::load(&env, &files, &options)?;

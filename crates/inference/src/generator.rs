@@ -179,6 +179,8 @@ pub struct EngineStats {
     pub peak_batch_size: usize,
     /// Decode steps (forward passes over the decoding sequences) since start.
     pub decode_steps: u64,
+    /// Of those, steps that also ran a prompt chunk (mixed steps, `--mixed-steps`).
+    pub mixed_steps: u64,
     /// Requests that left the queue for a slot since start.
     pub admitted: u64,
     /// Their summed time in the queue, in microseconds.

@@ -7,6 +7,7 @@
 //!     admit queued jobs while a KV slot is free          (queue full → Overloaded, at generate)
 //!     prefill: one chunk of the shortest prompt          (a cached prefix is copied, not rerun)
 //!     decode:  one token for every decoding sequence     (one forward pass for all of them)
+//!     (with mixed steps, prefill and decode share one pass when both have work: `mixed_step`)
 //!     per sequence: sample → detokenize → stop check → event; finished ones free their slot
 //! }
 //! ```
@@ -76,6 +77,9 @@ pub struct EngineConfig {
     /// Make a sequence's tokens independent of how many others decode with it, at some cost to a
     /// lone stream's speed (see [`PoolOptions::batch_invariant`]).
     pub batch_invariant: bool,
+    /// Run decode rows and a prompt chunk in one forward pass where the model folder has the
+    /// mixed-step graph (see [`PoolOptions::mixed_steps`]).
+    pub mixed_steps: bool,
 }
 
 impl EngineConfig {
@@ -94,6 +98,7 @@ impl EngineConfig {
             prefix_cache_mb: DEFAULT_PREFIX_CACHE_MB,
             prefill_pace: DEFAULT_PREFILL_PACE,
             batch_invariant: false,
+            mixed_steps: false,
         }
     }
 }
@@ -135,6 +140,7 @@ struct Shared {
     batch_size: AtomicUsize,
     peak_batch_size: AtomicUsize,
     decode_steps: AtomicU64,
+    mixed_steps: AtomicU64,
     admitted: AtomicU64,
     queue_wait_micros: AtomicU64,
     prefix_hits: AtomicU64,
@@ -177,6 +183,7 @@ impl OnnxEngine {
                 slot_len: context_length,
                 prefix_cache_bytes: config.prefix_cache_mb.saturating_mul(1 << 20),
                 batch_invariant: config.batch_invariant,
+                mixed_steps: config.mixed_steps,
             },
         };
         let model = DecoderModel::load(&env, &files, &options)?;
@@ -284,6 +291,7 @@ impl Generator for OnnxEngine {
             batch_size: s.batch_size.load(Ordering::SeqCst),
             peak_batch_size: s.peak_batch_size.load(Ordering::SeqCst),
             decode_steps: s.decode_steps.load(Ordering::SeqCst),
+            mixed_steps: s.mixed_steps.load(Ordering::SeqCst),
             admitted: s.admitted.load(Ordering::SeqCst),
             queue_wait_micros: s.queue_wait_micros.load(Ordering::SeqCst),
             prefix_hits: s.prefix_hits.load(Ordering::SeqCst),
@@ -575,6 +583,7 @@ impl Worker {
         self.shared.batch_size.store(rows.len(), Ordering::SeqCst);
         self.shared.peak_batch_size.fetch_max(rows.len(), Ordering::SeqCst);
         self.shared.decode_steps.fetch_add(1, Ordering::SeqCst);
+        self.shared.mixed_steps.fetch_add(1, Ordering::SeqCst);
         let started = Instant::now();
         let Self { model, active, tokenizer, eos, context_length, shared, pacing, .. } = self;
         let mut prompt = None;
@@ -614,7 +623,9 @@ impl Worker {
                         shared.tokens_generated.fetch_add(1, Ordering::Relaxed);
                         seq.on_logits(row, &rules).map(Some)
                     }
-                    (true, None) => Err(InferenceError::Runtime("the mixed step gave no prompt logits".into())),
+                    (true, None) => {
+                        Err(InferenceError::Runtime("the mixed step gave no prompt logits".into()))
+                    }
                 };
                 outcomes.push((p, outcome));
                 outcomes

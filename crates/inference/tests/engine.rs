@@ -40,8 +40,13 @@ fn check_kv_cache_matches_full_recomputation(model_dir: &std::path::Path, layout
     let files = ModelFiles::read(model_dir).expect("files");
     let tok = TextTokenizer::from_file(&files.tokenizer_path).expect("tokenizer");
     let mut ids = tok.encode(PROMPT).expect("encode");
-    let pool =
-        PoolOptions { slots: 2, slot_len: ids.len() + 12, prefix_cache_bytes: 0, batch_invariant: false };
+    let pool = PoolOptions {
+        slots: 2,
+        slot_len: ids.len() + 12,
+        prefix_cache_bytes: 0,
+        batch_invariant: false,
+        mixed_steps: true,
+    };
     let options = SessionOptions { intra_threads: 1, spinning: false, pool };
     let mut model = DecoderModel::load(&env, &files, &options).expect("model");
     assert_eq!(model.layout(), layout);
@@ -99,8 +104,13 @@ fn prompts_set_aside_for_another_resume_exactly() {
     let half = long.len() / 2;
     other.truncate(half + 4);
     assert!(other.len() > half, "the other prompt must cover the first half");
-    let pool =
-        PoolOptions { slots: 4, slot_len: long.len() + 4, prefix_cache_bytes: 0, batch_invariant: false };
+    let pool = PoolOptions {
+        slots: 4,
+        slot_len: long.len() + 4,
+        prefix_cache_bytes: 0,
+        batch_invariant: false,
+        mixed_steps: true,
+    };
     let options = SessionOptions { intra_threads: 1, spinning: false, pool };
     let new_cache = |model: &mut DecoderModel| model.new_cache().expect("cache").expect("a free slot");
 
@@ -161,8 +171,13 @@ fn a_mixed_step_gives_each_row_and_the_chunk_their_own_logits() {
     let short = tok.encode("A short question about streams?").expect("encode");
     let other = tok.encode("Another request, about something else.").expect("encode");
     let half = long.len() / 2;
-    let pool =
-        PoolOptions { slots: 4, slot_len: long.len() + 8, prefix_cache_bytes: 0, batch_invariant: false };
+    let pool = PoolOptions {
+        slots: 4,
+        slot_len: long.len() + 8,
+        prefix_cache_bytes: 0,
+        batch_invariant: false,
+        mixed_steps: true,
+    };
     let options = SessionOptions { intra_threads: 1, spinning: false, pool };
     let new_cache = |model: &mut DecoderModel| model.new_cache().expect("cache").expect("a free slot");
     let argmax = streamgate_inference::sampling::argmax;
@@ -206,16 +221,20 @@ fn a_mixed_step_gives_each_row_and_the_chunk_their_own_logits() {
     assert!(max_diff(chunk, &c_prompt) < 1e-4, "c's prompt in the first mixed step");
     // c's prompt has just run in staging: it decodes in the pool beside the long prompt's first chunk.
     let mut a = new_cache(&mut model);
-    let three =
-        model.mixed_step(&mut [&mut b, &mut c], &[tb[2], tc], &long[..half], &mut a).expect("mixed 2").to_vec();
+    let three = model
+        .mixed_step(&mut [&mut b, &mut c], &[tb[2], tc], &long[..half], &mut a)
+        .expect("mixed 2")
+        .to_vec();
     let v = three.len() / 3;
     assert!(max_diff(&three[..v], &b_steps[2]) < 1e-4, "b's row in the second mixed step");
     assert!(max_diff(&three[v..2 * v], &c_step) < 1e-4, "c's row in the second mixed step");
     assert!(max_diff(&three[2 * v..], &a_first) < 1e-4, "the long prompt's first chunk");
     // The second chunk builds on the first.
     let tc2 = argmax(&three[v..2 * v]);
-    let three =
-        model.mixed_step(&mut [&mut b, &mut c], &[tb[3], tc2], &long[half..], &mut a).expect("mixed 3").to_vec();
+    let three = model
+        .mixed_step(&mut [&mut b, &mut c], &[tb[3], tc2], &long[half..], &mut a)
+        .expect("mixed 3")
+        .to_vec();
     assert!(max_diff(&three[..v], &b_steps[3]) < 1e-4, "b's row in the third mixed step");
     assert!(max_diff(&three[2 * v..], &a_whole) < 1e-4, "the long prompt's second chunk");
     assert_eq!((a.len(), b.len(), c.len()), (long.len(), short.len() + 4, other.len() + 2));
@@ -458,7 +477,7 @@ async fn concurrent_streams_interleave_round_robin() {
 }
 
 /// Eight different prompts decoded together (one forward pass per step for all of them) give each
-/// exactly the tokens it gets alone, in both layouts.
+/// exactly the tokens it gets alone, in both layouts, and with prompt chunks in mixed steps.
 #[tokio::test]
 async fn concurrent_prompts_get_exactly_their_solo_tokens() {
     let prompts: Vec<String> = [
@@ -474,13 +493,17 @@ async fn concurrent_prompts_get_exactly_their_solo_tokens() {
     .into_iter()
     .map(String::from)
     .collect();
-    for dir in [tiny_fused_model_dir(), tiny_model_dir()] {
+    // The fused layout twice: prompt chunks in passes of their own, and in mixed steps.
+    for (dir, mixed) in
+        [(tiny_fused_model_dir(), false), (tiny_fused_model_dir(), true), (tiny_model_dir(), false)]
+    {
         let solo = engine_with(&dir, 1, 8, 512);
         let mut alone = Vec::new();
         for p in &prompts {
             alone.push(text_and_ids(&generate(&solo, request(p, 24)).await).1);
         }
-        let batched = engine_with(&dir, 8, 8, 512);
+        let batched = OnnxEngine::start(&EngineConfig { mixed_steps: mixed, ..config_for(&dir, 8, 8, 512) })
+            .expect("engine");
         let mut streams = Vec::new();
         for p in &prompts {
             streams.push(batched.generate(request(p, 24)).await.expect("admitted"));
@@ -497,6 +520,8 @@ async fn concurrent_prompts_get_exactly_their_solo_tokens() {
             assert!(stats.peak_batch_size >= 2, "not batched: {stats:?}");
             assert!(stats.decode_steps * 4 < round_robin * 3, "not batched: {stats:?}");
             assert_eq!(stats.slots, 8);
+            // Prompts wait while the first ones decode: with mixed steps they share those passes.
+            assert_eq!(stats.mixed_steps > 0, mixed, "mixed steps: {stats:?}");
         }
     }
 }

@@ -18,6 +18,13 @@ fn start(dir: &Path) -> Result<OnnxEngine, InferenceError> {
     OnnxEngine::start(&EngineConfig::new(dir.to_path_buf(), ort_dylib()))
 }
 
+fn start_mixed(dir: &Path) -> Result<OnnxEngine, InferenceError> {
+    OnnxEngine::start(&EngineConfig {
+        mixed_steps: true,
+        ..EngineConfig::new(dir.to_path_buf(), ort_dylib())
+    })
+}
+
 #[test]
 fn missing_model_onnx_is_named() {
     let dir = scratch("no-onnx");
@@ -67,7 +74,8 @@ fn fused_folder(name: &str, mixed: Option<&Path>) -> PathBuf {
 #[test]
 fn a_fused_folder_without_its_mixed_step_graph_still_serves() {
     let dir = fused_folder("no-mixed", None);
-    let engine = start(&dir).expect("a fused folder without model_mixed.onnx starts");
+    // --mixed-steps asks for it; without the file the engine runs prompt chunks in passes of their own.
+    let engine = start_mixed(&dir).expect("a fused folder without model_mixed.onnx starts");
     drop(engine);
 }
 
@@ -75,6 +83,7 @@ fn a_fused_folder_without_its_mixed_step_graph_still_serves() {
 fn a_mixed_step_graph_that_does_not_match_is_named() {
     // The plain fused graph in the mixed graph's place: it lacks the chunk inputs.
     let dir = fused_folder("wrong-mixed", Some(&tiny_fused_model_dir().join("model.onnx")));
-    let err = start(&dir).err().expect("fails").to_string();
+    assert!(start(&dir).is_ok(), "not loaded without --mixed-steps");
+    let err = start_mixed(&dir).err().expect("fails").to_string();
     assert!(err.contains("model_mixed.onnx") && err.contains("chunk_ids"), "{err}");
 }

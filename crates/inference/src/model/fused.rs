@@ -78,6 +78,12 @@ pub struct PoolOptions {
     /// Runtime's matrix-matrix kernels and a sequence's tokens never depend on how many others
     /// share its steps (a lone row takes the matrix-vector kernels, whose rounding differs).
     pub batch_invariant: bool,
+    /// Load the folder's mixed-step graph (model_mixed.onnx), so that a prompt chunk shares a
+    /// forward pass with the decode rows instead of taking one of its own (running streams' gaps
+    /// while a prompt is admitted: about the chunk's tokens' share of a step, not a whole pass). A
+    /// second ONNX Runtime session: the server holds the prepacked weights twice (~+190 MB for
+    /// SmolLM2-135M; MatMulNBits does not share them between sessions).
+    pub mixed_steps: bool,
 }
 
 /// Finished sequences shorter than this are not kept for reuse (recomputing them is cheap).
@@ -328,7 +334,9 @@ impl FusedModel {
     ) -> Result<&mut [f32]> {
         let rt = InferenceError::runtime;
         if self.mixed.is_none() {
-            return Err(InferenceError::Runtime("this model has no mixed-step graph (model_mixed.onnx)".into()));
+            return Err(InferenceError::Runtime(
+                "this model has no mixed-step graph (model_mixed.onnx)".into(),
+            ));
         }
         if caches.len() != ids.len() || caches.is_empty() || chunk.is_empty() {
             return Err(InferenceError::Runtime(
@@ -350,13 +358,16 @@ impl FusedModel {
         self.staging.seqlens_k.extract_tensor_mut().1[0] = total - 1;
         self.staging.total_len.extract_tensor_mut().1[0] = total;
         let Some(mixed) = self.mixed.as_mut() else {
-            return Err(InferenceError::Runtime("this model has no mixed-step graph (model_mixed.onnx)".into()));
+            return Err(InferenceError::Runtime(
+                "this model has no mixed-step graph (model_mixed.onnx)".into(),
+            ));
         };
         mixed.binding.bind_input("input_ids", &input_ids).map_err(rt)?;
         mixed.binding.bind_input("slots", &slots).map_err(rt)?;
         mixed.binding.bind_input("chunk_ids", &chunk_ids).map_err(rt)?;
         mixed.binding.bind_output_to_device("logits", &MemoryInfo::default()).map_err(rt)?;
-        let outputs = mixed.session.run_binding_with_options(&mixed.binding, &self.interrupt.0).map_err(rt)?;
+        let outputs =
+            mixed.session.run_binding_with_options(&mixed.binding, &self.interrupt.0).map_err(rt)?;
         let logits = take_logits(outputs)?;
         for cache in caches.iter_mut() {
             cache.len += 1;
@@ -521,7 +532,9 @@ impl Mixed {
             if !outputs.iter().any(|o| o.name() == name) {
                 return Err(InferenceError::UnsupportedModel {
                     path: files.dir.join("model_mixed.onnx"),
-                    reason: format!("not the mixed step of this folder's model.onnx: missing output '{name}'"),
+                    reason: format!(
+                        "not the mixed step of this folder's model.onnx: missing output '{name}'"
+                    ),
                 });
             }
         }
@@ -567,7 +580,15 @@ impl Buffers {
         past_names: &[String],
         present_names: &[String],
     ) -> Result<()> {
-        bind_buffers(binding, prefix, &mut self.kv, &self.seqlens_k, &self.total_len, past_names, present_names)
+        bind_buffers(
+            binding,
+            prefix,
+            &mut self.kv,
+            &self.seqlens_k,
+            &self.total_len,
+            past_names,
+            present_names,
+        )
     }
 
     /// Row `row`'s first `len` positions, compact: `[tensor][kv_head][position][head_dim]`.
@@ -639,7 +660,9 @@ fn bind_buffers(
 
 /// A step's `logits` output, out of the run's outputs.
 fn take_logits(mut outputs: SessionOutputs<'_>) -> Result<DynValue> {
-    outputs.remove("logits").ok_or_else(|| InferenceError::Runtime("the model produced no 'logits' output".into()))
+    outputs
+        .remove("logits")
+        .ok_or_else(|| InferenceError::Runtime("the model produced no 'logits' output".into()))
 }
 
 /// Copy the first `len` positions of row `from_row` of one set of KV buffers into row `to_row` of

@@ -90,14 +90,15 @@ impl DecoderModel {
     /// layout needs; a graph that is neither gets an error saying what was expected.
     pub fn load(env: &Environment, files: &ModelFiles, options: &SessionOptions) -> Result<Self> {
         let path = files.onnx_path.clone();
-        // The mixed-step graph has the same weights under the same names: with one container of
-        // prepacked weights, its session reuses the first one's instead of holding a second copy.
-        let prepacked = files.mixed_onnx_path.as_ref().map(|_| PrepackedWeights::new());
+        let mixed_path = files.mixed_onnx_path.as_ref().filter(|_| options.pool.mixed_steps);
+        // The mixed-step graph has the same weights under the same names: one container of
+        // prepacked weights lets kernels that support it share theirs.
+        let prepacked = mixed_path.map(|_| PrepackedWeights::new());
         let session = open_session(env, &path, options, prepacked.as_ref())?;
         let interrupt = Interrupt::new()?;
         let has_input = |name: &str| session.inputs().iter().any(|i| i.name() == name);
         if has_input("seqlens_k") {
-            let mixed = match &files.mixed_onnx_path {
+            let mixed = match mixed_path {
                 Some(mixed) => Some(open_session(env, mixed, options, prepacked.as_ref())?),
                 None => None,
             };
