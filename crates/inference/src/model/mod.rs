@@ -212,30 +212,14 @@ impl DecoderModel {
         let (Self::Fused(m), KvCache::Fused(prompt)) = (self, prompt) else {
             return Err(InferenceError::Runtime("mixed steps need the fused layout".into()));
         };
-        let mut rows = caches
-            .iter_mut()
-            .map(|c| match &mut **c {
-                KvCache::Fused(c) => Ok(c),
-                KvCache::Optimum(_) => Err(mismatch()),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        m.mixed_step(&mut rows, ids, chunk, prompt)
+        m.mixed_step(&mut fused_rows(caches)?, ids, chunk, prompt)
     }
 
     /// One token for each sequence (`ids[i]` extends `caches[i]`); the logits of all of them,
     /// `[caches.len() * vocab]`, in the model's own buffer.
     pub fn decode(&mut self, caches: &mut [&mut KvCache], ids: &[u32]) -> Result<&mut [f32]> {
         match self {
-            Self::Fused(m) => {
-                let mut rows = caches
-                    .iter_mut()
-                    .map(|c| match &mut **c {
-                        KvCache::Fused(c) => Ok(c),
-                        KvCache::Optimum(_) => Err(mismatch()),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                m.decode(&mut rows, ids)
-            }
+            Self::Fused(m) => m.decode(&mut fused_rows(caches)?, ids),
             Self::Optimum(m) => {
                 let mut rows = caches
                     .iter_mut()
@@ -272,6 +256,17 @@ fn open_session(
     builder
         .commit_from_file(path)
         .map_err(|e| InferenceError::UnsupportedModel { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+/// The fused caches of a batch (an Optimum one among them is a mismatch).
+fn fused_rows<'a>(caches: &'a mut [&mut KvCache]) -> Result<Vec<&'a mut fused::Cache>> {
+    caches
+        .iter_mut()
+        .map(|c| match &mut **c {
+            KvCache::Fused(c) => Ok(c),
+            KvCache::Optimum(_) => Err(mismatch()),
+        })
+        .collect()
 }
 
 fn mismatch() -> InferenceError {
