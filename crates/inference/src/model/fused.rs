@@ -96,6 +96,12 @@ struct Mixed {
     binding: IoBinding,
 }
 
+/// A mixed step asked of a model loaded without its mixed-step graph (checked before the step
+/// moves any sequence, so nothing is left half done).
+fn no_mixed_graph() -> InferenceError {
+    InferenceError::Runtime("this model has no mixed-step graph (model_mixed.onnx)".into())
+}
+
 /// A fused-layout session, owned by one worker thread.
 pub struct FusedModel {
     session: Session,
@@ -334,9 +340,7 @@ impl FusedModel {
     ) -> Result<&mut [f32]> {
         let rt = InferenceError::runtime;
         if self.mixed.is_none() {
-            return Err(InferenceError::Runtime(
-                "this model has no mixed-step graph (model_mixed.onnx)".into(),
-            ));
+            return Err(no_mixed_graph());
         }
         if caches.len() != ids.len() || caches.is_empty() || chunk.is_empty() {
             return Err(InferenceError::Runtime(
@@ -357,11 +361,7 @@ impl FusedModel {
         let chunk_ids = Tensor::from_array(([1usize, chunk_ids.len()], chunk_ids)).map_err(rt)?;
         self.staging.seqlens_k.extract_tensor_mut().1[0] = total - 1;
         self.staging.total_len.extract_tensor_mut().1[0] = total;
-        let Some(mixed) = self.mixed.as_mut() else {
-            return Err(InferenceError::Runtime(
-                "this model has no mixed-step graph (model_mixed.onnx)".into(),
-            ));
-        };
+        let Some(mixed) = self.mixed.as_mut() else { return Err(no_mixed_graph()) };
         mixed.binding.bind_input("input_ids", &input_ids).map_err(rt)?;
         mixed.binding.bind_input("slots", &slots).map_err(rt)?;
         mixed.binding.bind_input("chunk_ids", &chunk_ids).map_err(rt)?;
