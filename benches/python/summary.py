@@ -87,7 +87,9 @@ if batching.exists():
     print()
     print("| continuous batching (SmolLM2, gateway) | measured | ratio | target |")
     print("| --- | --- | --- | --- |")
-    print(f"| tokens/s, 1 stream vs {b['streams']} streams | {b['solo_tok_s']:.1f} vs {b['batched_tok_s']:.1f} "
+    tokens = (f"; tokens {b['solo_tokens']} vs {b['batched_tokens']} of {b['tokens_per_stream']} per stream"
+              if "solo_tokens" in b else "")
+    print(f"| tokens/s, 1 stream vs {b['streams']} streams | {b['solo_tok_s']:.1f} vs {b['batched_tok_s']:.1f}{tokens} "
           f"| {b['aggregate_ratio']:.2f}x | >= 5x |")
     print(f"| p99 inter-token gap, 1 vs {b['streams']} streams (ms) | {b['solo_gap_ms']['p99']:.1f} vs "
           f"{b['batched_gap_ms']['p99']:.1f} | {b['gap_p99_ratio']:.2f}x | <= 3x |")

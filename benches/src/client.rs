@@ -29,16 +29,23 @@ impl Route {
         }
     }
 
-    /// The raw request for one stream (`keep_alive`: the connection may carry the next one).
+    /// The raw request for one stream (`keep_alive`: the connection may carry the next one;
+    /// `temperature`: sent when given, else the server's default applies).
     pub fn request(
         self,
         host: &str,
         version: &str,
         prompt: &str,
         max_tokens: usize,
+        temperature: Option<f32>,
         keep_alive: bool,
     ) -> Vec<u8> {
-        let json = |v: serde_json::Value| v.to_string();
+        let json = |mut v: serde_json::Value| {
+            if let (Some(t), Some(fields)) = (temperature, v.as_object_mut()) {
+                fields.insert("temperature".to_owned(), serde_json::json!(t));
+            }
+            v.to_string()
+        };
         let (method, path, body) = match self {
             Route::Native => (
                 "POST",
@@ -52,7 +59,12 @@ impl Route {
                         if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }
                     })
                     .collect();
-                ("GET", format!("/api/{version}/inference/stream?prompt={q}&max_tokens={max_tokens}"), None)
+                let t = temperature.map(|t| format!("&temperature={t}")).unwrap_or_default();
+                (
+                    "GET",
+                    format!("/api/{version}/inference/stream?prompt={q}&max_tokens={max_tokens}{t}"),
+                    None,
+                )
             }
             Route::Openai => (
                 "POST",

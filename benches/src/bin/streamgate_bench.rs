@@ -45,6 +45,10 @@ struct Args {
     ramp_up_secs: f64,
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
+    /// Sampling temperature sent with each request (0 = greedy: streams run to --max-tokens);
+    /// the server's default when not given.
+    #[arg(long)]
+    temperature: Option<f32>,
     /// Prompts, used in turn (repeat the flag); or --prompts-file, one per line.
     #[arg(long = "prompt")]
     prompts: Vec<String>,
@@ -126,6 +130,7 @@ fn main() -> Result<(), AnyError> {
                     &args.version,
                     p,
                     args.max_tokens,
+                    args.temperature,
                     !args.new_connection_per_stream,
                 )
             })
