@@ -37,7 +37,7 @@ impl Route {
         version: &str,
         prompt: &str,
         max_tokens: usize,
-        temperature: Option<f32>,
+        temperature: Option<f64>,
         keep_alive: bool,
     ) -> Vec<u8> {
         let json = |mut v: serde_json::Value| {

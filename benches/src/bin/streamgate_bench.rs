@@ -48,7 +48,7 @@ struct Args {
     /// Sampling temperature sent with each request (0 = greedy: streams run to --max-tokens);
     /// the server's default when not given.
     #[arg(long)]
-    temperature: Option<f32>,
+    temperature: Option<f64>,
     /// Prompts, used in turn (repeat the flag); or --prompts-file, one per line.
     #[arg(long = "prompt")]
     prompts: Vec<String>,
