@@ -11,6 +11,17 @@ import { SMOLLM2, startGateway, startRedis } from "./gateway.mjs";
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const CUT_AFTER = 5;
 
+// The offset just past the `n`-th `data:` event in `text` and the CRLF that ends its HTTP chunk
+// (the gateway writes one event per chunk: the cut falls between chunks), or -1 while that is not
+// all there.
+function endOfEvent(text, n) {
+  const data = [...text.matchAll(/^data: /gm)];
+  if (data.length < n) return -1;
+  const blank = text.indexOf("\n\n", data[n - 1].index);
+  if (blank < 0 || text.length < blank + 4) return -1;
+  return text.startsWith("\r\n", blank + 2) ? blank + 4 : blank + 2;
+}
+
 // Proxies to `a` until it has cut one stream after CUT_AFTER events, then to `b`. Records each
 // stream request's Last-Event-ID and the X-Stream-Id of the first stream.
 async function cuttingProxy(a, b) {
@@ -20,6 +31,7 @@ async function cuttingProxy(a, b) {
     const upstream = connect(Number(target.port), target.hostname);
     let response = "";
     let watching = false;
+    let cutting = false; // this connection is being cut: it forwards nothing more
     client.on("data", (chunk) => {
       // The browser keeps connections alive: look for the stream's request in each chunk (a
       // browser's request head arrives whole).
@@ -34,15 +46,31 @@ async function cuttingProxy(a, b) {
       upstream.write(chunk);
     });
     upstream.on("data", (chunk) => {
-      client.write(chunk);
-      if (!watching || seen.cut) return;
-      response += chunk.toString("utf8");
+      if (cutting) return;
+      if (!watching || seen.cut) {
+        client.write(chunk);
+        return;
+      }
+      // latin1 keeps one character per byte, so an index into `response` is a byte offset.
+      const before = response.length;
+      response += chunk.toString("latin1");
       seen.streamId ??= (/^x-stream-id: *([0-9a-f]+)/im.exec(response) ?? [])[1] ?? null;
-      if ((response.match(/^data: /gm) ?? []).length >= CUT_AFTER) {
-        seen.cut = true;
+      const end = endOfEvent(response, CUT_AFTER);
+      if (end < 0) {
+        client.write(chunk);
+        // Read in bursts, so the cut falls inside a read that holds several events (as it does
+        // by chance on a loaded machine).
+        upstream.pause();
+        setTimeout(() => upstream.resume(), 60);
+        return;
+      }
+      // One TCP read can hold several events: the browser gets exactly the first CUT_AFTER.
+      seen.cut = true;
+      cutting = true;
+      client.write(chunk.subarray(0, end - before), () => {
         client.destroy();
         upstream.destroy();
-      }
+      });
     });
     const close = () => { client.destroy(); upstream.destroy(); };
     client.on("error", close);
