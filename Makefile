@@ -71,7 +71,7 @@ test-rust: setup $(REDIS_SERVER)
 
 test-python: setup reference-model $(NGINX) ## reference tests, the openai client, deploy/ (nginx, manifests, Dockerfile), bench smoke
 	cargo build --quiet -p streamgate-inference --example reference_dump
-	cargo build --quiet -p streamgate-gateway --bin streamgate -p streamgate-benches --bin streamgate-bench --bin actix-bare-sse
+	cargo build --quiet -p streamgate-gateway --bin streamgate -p streamgate-benches --bin streamgate-bench --bin actix-bare-sse --bin engine-bench
 	$(PY) -m pytest tests/python -q
 
 browser-deps: $(CHROMIUM) $(NODE_DEPS) ## Debian's Chromium and the test's npm packages

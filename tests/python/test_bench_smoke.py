@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from conftest import ROOT, TARGET, TINY, TINY_FUSED, require, start_gateway
+from conftest import ORT_LIB, ROOT, TARGET, TINY, TINY_FUSED, require, start_gateway
 
 BENCH = TARGET / "debug" / "streamgate-bench"
 
@@ -109,3 +109,24 @@ def test_graph_ab_refuses_a_position_below_one():
     done = subprocess.run([sys.executable, str(ROOT / "benches" / "python" / "graph_ab.py"), str(TINY_FUSED),
                            "--position", "0"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--position" in done.stderr
+
+
+ENGINE_BENCH = TARGET / "debug" / "engine-bench"
+
+
+def test_engine_bench_runs_identical_streams_together():
+    """`engine-bench --streams 3` on the committed tiny fused model: the lone run and the three
+    batched greedy streams of the same prompt make the same tokens each (batching changes no
+    greedy result), and the record carries the aggregate rates."""
+    require(ENGINE_BENCH, "build it with `cargo build -p streamgate-benches --bin engine-bench` (make test does)")
+    done = subprocess.run(
+        [str(ENGINE_BENCH), "--model", str(TINY_FUSED), "--ort", str(ORT_LIB), "--prompt", "Hello there",
+         "--tokens", "6", "--runs", "1", "--threads", "1", "--streams", "3"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(records) == 1, done.stdout
+    record = records[0]
+    assert record["streams"] == 3 and record["tokens"] >= 1
+    assert record["batched_tokens"] == 3 * record["tokens"], record
+    assert record["solo_tok_s"] > 0 and record["batched_tok_s"] > 0 and record["aggregate_ratio"] > 0

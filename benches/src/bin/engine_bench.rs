@@ -1,7 +1,9 @@
-//! Single-stream engine benchmark: time to first token and decode tokens/s through the real
+//! Engine benchmark: time to first token and decode tokens/s through the real
 //! `OnnxEngine` (queue, worker, sampler, detokenizer), greedy, for a given model and prompt; with
 //! `--long-prompt-file`, also prompt-processing tokens/s and decode tokens/s at that prompt's
-//! position (about 2,000 tokens by default), and the process's resident memory.
+//! position (about 2,000 tokens by default), and the process's resident memory; with
+//! `--streams N`, also N identical greedy streams at once against a lone one (the engine's
+//! batching measured without HTTP or a load generator on the same cores).
 //! Prints one JSON object per run to stdout (make bench-engine tabulates them beside llama.cpp
 //! and the Python loop).
 
@@ -41,6 +43,11 @@ struct Args {
     /// KV slots (the gateway's --max-active-sequences); one stream runs either way.
     #[arg(long, default_value_t = 1)]
     slots: usize,
+    /// Also run this many identical greedy streams at once (slots grow to match) and report their
+    /// aggregate tokens/s beside the lone stream's, both from submit to last token: the engine's
+    /// batching without HTTP or a load generator on the same cores.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
     /// The gateway's --batch-invariant (a lone stream decodes with a padding row).
     #[arg(long)]
     batch_invariant: bool,
@@ -74,7 +81,38 @@ async fn measure(
     Ok(((first - started).as_secs_f64(), decode, tokens))
 }
 
-/// The first `n` tokens of a text (repeated until long enough), as text again.
+/// `n` greedy generations of `prompt` at once: (aggregate tokens/s from submit to the last token,
+/// aggregate decode tokens/s once every stream has its first token, tokens).
+async fn measure_many(
+    engine: &OnnxEngine,
+    prompt: &str,
+    max_tokens: usize,
+    n: usize,
+) -> Result<(f64, f64, usize), AnyError> {
+    let started = Instant::now();
+    let runs = (0..n).map(|_| async {
+        let request = GenerationRequest::new(prompt, max_tokens, SamplingParams::default(), vec![])?;
+        let mut stream = engine.generate(request).await?;
+        let mut times = Vec::with_capacity(max_tokens);
+        while let Some(event) = stream.next().await {
+            if let GenerationEvent::Token { .. } = event? {
+                times.push(Instant::now());
+            }
+        }
+        Ok::<_, AnyError>(times)
+    });
+    let all = futures_util::future::try_join_all(runs).await?;
+    let tokens: usize = all.iter().map(Vec::len).sum();
+    let end = all.iter().filter_map(|t| t.last().copied()).max().unwrap_or(started);
+    let all_started = all.iter().filter_map(|t| t.first().copied()).max().unwrap_or(end);
+    let after = all.iter().flatten().filter(|&&t| t > all_started).count();
+    let rate = |count: usize, from: Instant| {
+        let s = (end - from).as_secs_f64();
+        if s > 0.0 { count as f64 / s } else { 0.0 }
+    };
+    Ok((rate(tokens, started), rate(after, all_started), tokens))
+}
+
 /// Resident and peak resident memory of this process, in MiB (Linux; zeros elsewhere).
 fn memory_mib() -> (f64, f64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -94,7 +132,8 @@ fn main() -> Result<(), AnyError> {
     let engine = OnnxEngine::start(&EngineConfig {
         intra_threads: args.threads,
         spinning: !args.no_spinning,
-        max_active: args.slots,
+        max_active: args.slots.max(args.streams),
+        queue_capacity: args.streams.max(1),
         // Every run repeats the prompt: reuse would measure a copy, not prompt processing.
         prefix_cache_mb: 0,
         batch_invariant: args.batch_invariant,
@@ -114,8 +153,19 @@ fn main() -> Result<(), AnyError> {
         let mut record = serde_json::json!({
             "impl": "rust", "model": args.model.display().to_string(), "run": run,
             "ttft_ms": ttft * 1e3, "tokens": tokens, "decode_tok_s": decode,
-            "slots": args.slots, "batch_invariant": args.batch_invariant, "spinning": !args.no_spinning,
+            "slots": args.slots.max(args.streams), "batch_invariant": args.batch_invariant, "spinning": !args.no_spinning,
         });
+        if args.streams > 1 {
+            let (solo, _, _) = runtime.block_on(measure_many(&engine, &args.prompt, args.tokens, 1))?;
+            let (batched, batched_decode, batched_tokens) =
+                runtime.block_on(measure_many(&engine, &args.prompt, args.tokens, args.streams))?;
+            record["streams"] = args.streams.into();
+            record["solo_tok_s"] = solo.into();
+            record["batched_tok_s"] = batched.into();
+            record["batched_decode_tok_s"] = batched_decode.into();
+            record["batched_tokens"] = batched_tokens.into();
+            record["aggregate_ratio"] = (if solo > 0.0 { batched / solo } else { 0.0 }).into();
+        }
         if let Some((prompt, count)) = &long {
             let (long_ttft, long_decode, _) = runtime.block_on(measure(&engine, prompt, 64))?;
             let (rss, peak) = memory_mib();
