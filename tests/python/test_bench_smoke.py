@@ -130,3 +130,24 @@ def test_engine_bench_runs_identical_streams_together():
     assert record["streams"] == 3 and record["tokens"] >= 1
     assert record["batched_tokens"] == 3 * record["tokens"], record
     assert record["solo_tok_s"] > 0 and record["batched_tok_s"] > 0 and record["aggregate_ratio"] > 0
+
+
+def test_matmul_rows_times_every_distinct_kernel_shape():
+    """benches/python/matmul_rows.py on the committed tiny fused model: one row per distinct
+    `MatMulNBits` shape, whose node counts add up to the graph's, with a time for each row count."""
+    import onnx
+
+    done = subprocess.run([sys.executable, str(ROOT / "benches" / "python" / "matmul_rows.py"), str(TINY_FUSED),
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line.strip("|").split("|") for line in done.stdout.splitlines()[2:]]
+    graph = onnx.load(str(TINY_FUSED / "model.onnx"))
+    assert sum(int(row[1]) for row in rows) == sum(n.op_type == "MatMulNBits" for n in graph.graph.node) > 0
+    for row in rows:
+        assert all(float(cell) > 0 for cell in row[2:7]), row
+
+
+def test_matmul_rows_refuses_a_folder_without_a_model(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benches" / "python" / "matmul_rows.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "has no model.onnx" in done.stderr
