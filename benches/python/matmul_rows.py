@@ -24,13 +24,16 @@ from onnx import TensorProto, helper
 ROWS = (1, 2, 4, 8, 16)
 
 
-def distinct_nodes(model: onnx.ModelProto) -> dict[tuple, onnx.NodeProto]:
-    """One node per (K, N, bits, block size, accuracy level), in graph order."""
-    found: dict[tuple, onnx.NodeProto] = {}
+def distinct_nodes(model: onnx.ModelProto) -> dict[tuple, tuple[onnx.NodeProto, int]]:
+    """(K, N, bits, block size, accuracy level) -> (its first node, how many nodes have it), in
+    graph order."""
+    found: dict[tuple, tuple[onnx.NodeProto, int]] = {}
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
             a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-            found.setdefault((a["K"], a["N"], a["bits"], a["block_size"], a.get("accuracy_level", 0)), node)
+            key = (a["K"], a["N"], a["bits"], a["block_size"], a.get("accuracy_level", 0))
+            first, count = found.get(key, (node, 0))
+            found[key] = (first, count + 1)
     return found
 
 
@@ -72,19 +75,13 @@ def main() -> int:
         print(f"{args.model_dir} has no model.onnx", file=sys.stderr)
         return 2
     model = onnx.load(str(path))
-    nodes = distinct_nodes(model)
-    counts = {key: 0 for key in nodes}
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-            counts[(a["K"], a["N"], a["bits"], a["block_size"], a.get("accuracy_level", 0))] += 1
     print("| K x N, bits, block, accuracy level | nodes | " + " | ".join(f"{m} rows" for m in ROWS) + " | 16 vs 1 |")
     print("| --- | --- | " + " | ".join("---" for _ in ROWS) + " | --- |")
-    for (k, n, bits, block, level), node in nodes.items():
+    for (k, n, bits, block, level), (node, count) in distinct_nodes(model).items():
         session = one_node_session(model, node, k, n, args.threads)
         times = [micros(session, m, k) for m in ROWS]
         cells = " | ".join(f"{t:.1f}" for t in times)
-        print(f"| {k} x {n}, {bits}, {block}, {level} | {counts[(k, n, bits, block, level)]} | {cells} | {times[-1] / times[0]:.1f}x |")
+        print(f"| {k} x {n}, {bits}, {block}, {level} | {count} | {cells} | {times[-1] / times[0]:.1f}x |")
     return 0
 
 
