@@ -101,7 +101,7 @@ $(VENV)/.bench-installed: benches/baselines/fastapi/requirements.txt | $(VENV)/.
 	touch $@
 
 bench-gateway: setup $(VENV)/.bench-installed ## load tests: streamgate vs the FastAPI pattern (mock engine), SmolLM2, batching, resume on vs off
-	cargo build --release --quiet -p streamgate-gateway --bin streamgate -p streamgate-benches --bin streamgate-bench --bin actix-bare-sse --bin batching-bench
+	cargo build --release --quiet -p streamgate-gateway --bin streamgate -p streamgate-benches --bin streamgate-bench --bin actix-bare-sse --bin batching-bench --bin engine-bench
 	benches/run.sh all
 
 bench-micro: ## criterion: rate-limit check with 1M clients, SSE event encoding, sampling a token; limiter memory

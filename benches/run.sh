@@ -9,6 +9,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+. scripts/pins.env
+ort_lib=${ORT_DYLIB_PATH:-$root/.cache/onnxruntime/libonnxruntime.so.$ORT_VERSION}
 out=target/bench
 mkdir -p "$out"
 bin=target/release
@@ -106,6 +108,10 @@ if [[ $scenario == all || $scenario == batching ]]; then
   "$bin/batching-bench" --url http://127.0.0.1:18250 --model .cache/models/smollm2-135m-instruct \
     --text tests/data/quality_text.txt --svg "$out/batching.svg" > "$out/batching.json"
   stop "$pid"
+  # The same 1-vs-16 comparison in-process (no HTTP, no load generator on the cores): the engine's share.
+  "$bin/engine-bench" --model .cache/models/smollm2-135m-instruct --ort "$ort_lib" --tokens 96 --runs 1 --streams 16 \
+    --prompt "$(printf '<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n')" \
+    > "$out/batching-engine.json"
 fi
 if [[ $scenario == all || $scenario == two-models ]]; then
   echo "== 5b. two model versions on the same cores (v1 and v2, both SmolLM2), 4 streams on each at once: ONNX Runtime's threads spinning (--ort-spinning on) vs sleeping (off, what auto picks here)"

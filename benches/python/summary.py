@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "target/bench")
-runs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.stem not in ("engine", "batching")}
+runs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.stem not in ("engine", "batching", "batching-engine")}
 
 
 def row(name: str) -> str:
@@ -91,6 +91,11 @@ if batching.exists():
               if "solo_tokens" in b else "")
     print(f"| tokens/s, 1 stream vs {b['streams']} streams | {b['solo_tok_s']:.1f} vs {b['batched_tok_s']:.1f}{tokens} "
           f"| {b['aggregate_ratio']:.2f}x | >= 5x |")
+    engine = out / "batching-engine.json"
+    if engine.exists():
+        e = json.loads(engine.read_text().splitlines()[0])
+        print(f"| the same in-process (engine alone, no HTTP) | {e['solo_tok_s']:.1f} vs {e['batched_tok_s']:.1f}; "
+              f"tokens {e['batched_tokens']} | {e['aggregate_ratio']:.2f}x | >= 5x |")
     print(f"| p99 inter-token gap, 1 vs {b['streams']} streams (ms) | {b['solo_gap_ms']['p99']:.1f} vs "
           f"{b['batched_gap_ms']['p99']:.1f} | {b['gap_p99_ratio']:.2f}x | <= 3x |")
     newcomer_ttft = f"{a['newcomer_ttft_ms'] / 1000:.1f} s" if a.get("newcomer_ttft_ms") else "failed"
