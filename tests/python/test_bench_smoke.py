@@ -151,3 +151,29 @@ def test_matmul_rows_refuses_a_folder_without_a_model(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benches" / "python" / "matmul_rows.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "has no model.onnx" in done.stderr
+
+
+def test_ort_profile_sums_an_engine_profile_per_operator(tmp_path):
+    """`engine-bench --ort-profile` on the tiny fused model writes a complete ONNX Runtime profile
+    (the engine waits for its sessions to close), and benches/python/ort_profile.py finds its
+    one-row decode steps and sums them per operator; a cut-off profile is refused."""
+    require(ENGINE_BENCH, "build it with `cargo build -p streamgate-benches --bin engine-bench` (make test does)")
+    done = subprocess.run(
+        [str(ENGINE_BENCH), "--model", str(TINY_FUSED), "--ort", str(ORT_LIB), "--prompt", "Hello there",
+         "--tokens", "6", "--runs", "1", "--threads", "1", "--ort-profile", str(tmp_path / "tiny")],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    [profile] = list(tmp_path.glob("tiny*.json"))
+    script = str(ROOT / "benches" / "python" / "ort_profile.py")
+    summed = subprocess.run([sys.executable, script, str(profile), "--sizes", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert summed.returncode == 0, summed.stderr
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in summed.stdout.splitlines()[2:]}
+    assert float(rows["MatMulNBits"]) > 0 and float(rows["GroupQueryAttention"]) > 0, summed.stdout
+    # The warm-up run's 3 decode steps and the measured run's 5 (6 tokens, the first from the prompt).
+    assert int(rows["runs"]) >= 5, summed.stdout
+
+    cut = tmp_path / "cut.json"
+    cut.write_bytes(profile.read_bytes()[:-100])
+    refused = subprocess.run([sys.executable, script, str(cut)], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "not a complete ONNX Runtime profile" in refused.stderr

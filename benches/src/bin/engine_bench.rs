@@ -51,6 +51,10 @@ struct Args {
     /// The gateway's --batch-invariant (a lone stream decodes with a padding row).
     #[arg(long)]
     batch_invariant: bool,
+    /// Write ONNX Runtime's per-node profile (Chrome trace JSON) to files named from this prefix
+    /// (`benches/python/ort_profile.py` sums it per operator).
+    #[arg(long)]
+    ort_profile: Option<PathBuf>,
     /// ONNX Runtime's intra-op threads sleep between runs instead of spinning (the gateway's
     /// `--ort-spinning off`).
     #[arg(long)]
@@ -137,6 +141,7 @@ fn main() -> Result<(), AnyError> {
         // Every run repeats the prompt: reuse would measure a copy, not prompt processing.
         prefix_cache_mb: 0,
         batch_invariant: args.batch_invariant,
+        ort_profile: args.ort_profile.clone(),
         ..EngineConfig::new(args.model.clone(), args.ort.clone())
     })?;
     let (loaded_rss, _) = memory_mib();
@@ -178,5 +183,7 @@ fn main() -> Result<(), AnyError> {
         }
         writeln!(out, "{record}")?;
     }
+    // Waits for the sessions to close, which writes an --ort-profile.
+    engine.shutdown();
     Ok(())
 }

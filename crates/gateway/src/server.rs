@@ -62,6 +62,7 @@ pub fn load_models(settings: &Settings, logger: &Logger) -> Result<ModelRegistry
             prefill_pace: settings.prefill_pace,
             batch_invariant: settings.batch_invariant,
             mixed_steps: settings.mixed_steps,
+            ort_profile: None,
         })
         .map_err(|e| format!("model version {}: {e}", spec.version))?;
         let info = engine.info();

@@ -59,7 +59,7 @@ fn main() -> Result<(), AnyError> {
             batch_invariant: false,
             mixed_steps: false,
         };
-        let options = SessionOptions { intra_threads: input.threads, spinning: true, pool };
+        let options = SessionOptions { intra_threads: input.threads, spinning: true, profile: None, pool };
         let mut model = DecoderModel::load(&env, &files, &options)?;
         let mut cache = model.new_cache()?.ok_or("no free KV slot")?;
         model.prefill(&prompt_ids, &mut cache)?.to_vec()

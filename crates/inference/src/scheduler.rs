@@ -80,6 +80,9 @@ pub struct EngineConfig {
     /// Run decode rows and a prompt chunk in one forward pass where the model folder has the
     /// mixed-step graph (see [`PoolOptions::mixed_steps`]).
     pub mixed_steps: bool,
+    /// Write ONNX Runtime's per-node profile (Chrome trace JSON, one file per graph session,
+    /// named from this prefix) when the engine stops: a development aid, it slows every step.
+    pub ort_profile: Option<PathBuf>,
 }
 
 impl EngineConfig {
@@ -98,6 +101,7 @@ impl EngineConfig {
             prefix_cache_mb: DEFAULT_PREFIX_CACHE_MB,
             prefill_pace: DEFAULT_PREFILL_PACE,
             batch_invariant: false,
+            ort_profile: None,
             mixed_steps: false,
         }
     }
@@ -161,6 +165,8 @@ pub struct OnnxEngine {
     shared: Arc<Shared>,
     /// Stops a forward pass in progress (a long prefill) at shutdown.
     interrupt: Interrupt,
+    /// The worker thread, for [`OnnxEngine::shutdown`] to wait on.
+    worker: Option<std::thread::JoinHandle<()>>,
 }
 
 impl OnnxEngine {
@@ -178,6 +184,7 @@ impl OnnxEngine {
         let options = SessionOptions {
             intra_threads: config.intra_threads,
             spinning: config.spinning,
+            profile: config.ort_profile.clone(),
             pool: PoolOptions {
                 slots: max_active,
                 slot_len: context_length,
@@ -221,12 +228,40 @@ impl OnnxEngine {
             active: Vec::new(),
             pacing: Pacing { pace: config.prefill_pace.max(0.0), ..Pacing::default() },
         };
-        // Detached: the worker ends on its own once `stopping` is set or the queue closes.
-        std::thread::Builder::new()
+        // The worker ends on its own once `stopping` is set or the queue closes; dropping the
+        // engine does not wait for it, `shutdown` does.
+        let worker = std::thread::Builder::new()
             .name(format!("inference-{}", files.name))
             .spawn(move || worker.run(jobs))
             .map_err(|e| InferenceError::Runtime(format!("could not start the worker thread: {e}")))?;
-        Ok(Self { info, chat, tokenizer, queue, queue_capacity, slots, shared, interrupt })
+        Ok(Self {
+            info,
+            chat,
+            tokenizer,
+            queue,
+            queue_capacity,
+            slots,
+            shared,
+            interrupt,
+            worker: Some(worker),
+        })
+    }
+
+    /// Stops the engine as dropping it does (open streams end with `Cancelled`, a forward pass in
+    /// progress is interrupted) and waits until the worker has released the model: its sessions
+    /// are closed (and an [`EngineConfig::ort_profile`] written) when this returns. Blocks the
+    /// calling thread for up to one forward pass (or the idle worker's 200 ms poll).
+    pub fn shutdown(mut self) {
+        self.stop();
+        if let Some(worker) = self.worker.take() {
+            // A worker that panicked has nothing left to release.
+            let _ = worker.join();
+        }
+    }
+
+    fn stop(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.interrupt.terminate();
     }
 }
 
@@ -308,8 +343,7 @@ impl Drop for OnnxEngine {
     fn drop(&mut self) {
         // The worker notices `stopping` between steps and ends open streams with `Cancelled`; a
         // forward pass in progress (a long prefill) is interrupted. Nothing here blocks the caller.
-        self.shared.stopping.store(true, Ordering::SeqCst);
-        self.interrupt.terminate();
+        self.stop();
     }
 }
 

@@ -47,7 +47,7 @@ fn check_kv_cache_matches_full_recomputation(model_dir: &std::path::Path, layout
         batch_invariant: false,
         mixed_steps: true,
     };
-    let options = SessionOptions { intra_threads: 1, spinning: false, pool };
+    let options = SessionOptions { intra_threads: 1, spinning: false, profile: None, pool };
     let mut model = DecoderModel::load(&env, &files, &options).expect("model");
     assert_eq!(model.layout(), layout);
     let new_cache = |model: &mut DecoderModel| model.new_cache().expect("cache").expect("a free slot");
@@ -111,7 +111,7 @@ fn prompts_set_aside_for_another_resume_exactly() {
         batch_invariant: false,
         mixed_steps: true,
     };
-    let options = SessionOptions { intra_threads: 1, spinning: false, pool };
+    let options = SessionOptions { intra_threads: 1, spinning: false, profile: None, pool };
     let new_cache = |model: &mut DecoderModel| model.new_cache().expect("cache").expect("a free slot");
 
     // Alone, in a model of its own (so that nothing it leaves in its buffers can stand in for
@@ -178,7 +178,7 @@ fn a_mixed_step_gives_each_row_and_the_chunk_their_own_logits() {
         batch_invariant: false,
         mixed_steps: true,
     };
-    let options = SessionOptions { intra_threads: 1, spinning: false, pool };
+    let options = SessionOptions { intra_threads: 1, spinning: false, profile: None, pool };
     let new_cache = |model: &mut DecoderModel| model.new_cache().expect("cache").expect("a free slot");
     let argmax = streamgate_inference::sampling::argmax;
 
@@ -643,4 +643,27 @@ async fn concurrent_requests_share_a_long_common_prefix() {
     let alone = text_and_ids(&generate(&uncached, request(&second, 12)).await);
     assert!(!alone.1.is_empty());
     assert_eq!(with_reuse, alone, "the shared prefix changed the output");
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_the_sessions_to_close_and_the_ort_profile_is_written() {
+    let dir = std::env::temp_dir().join(format!("streamgate-ort-profile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let engine = OnnxEngine::start(&EngineConfig {
+        ort_profile: Some(dir.join("tiny")),
+        ..config_for(&tiny_fused_model_dir(), 1, 1, streamgate_inference::DEFAULT_PREFILL_CHUNK)
+    })
+    .unwrap();
+    let (_, ids) = text_and_ids(&generate(&engine, request(PROMPT, 3)).await);
+    assert!(!ids.is_empty());
+    engine.shutdown();
+    // ONNX Runtime writes the trace's closing bracket when the session closes: a profile read
+    // before that is not JSON.
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
+    let nodes = trace.as_array().unwrap().iter().filter(|e| e["cat"] == "Node").count();
+    assert!(nodes > 0, "no node events in {}", files[0].display());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -20,7 +20,7 @@ pub mod prefix_cache;
 pub use graph::{Interrupt, ModelShape};
 
 use ort::environment::Environment;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
@@ -54,6 +54,8 @@ pub struct SessionOptions {
     /// Whether those threads spin for work between runs (ONNX Runtime's default) instead of
     /// sleeping: see [`crate::EngineConfig::spinning`].
     pub spinning: bool,
+    /// ONNX Runtime's profile file prefix ([`crate::EngineConfig::ort_profile`]).
+    pub profile: Option<PathBuf>,
     /// The fused layout's KV pool (the Optimum layout allocates per sequence).
     pub pool: fused::PoolOptions,
 }
@@ -250,6 +252,9 @@ fn open_session(
         .map_err(InferenceError::runtime)?
         .with_intra_op_spinning(options.spinning)
         .map_err(InferenceError::runtime)?;
+    if let Some(prefix) = &options.profile {
+        builder = builder.with_profiling(prefix).map_err(InferenceError::runtime)?;
+    }
     if let Some(weights) = prepacked {
         builder = builder.with_prepacked_weights(weights).map_err(InferenceError::runtime)?;
     }
