@@ -230,7 +230,7 @@ impl OnnxEngine {
         };
         // The worker ends on its own once `stopping` is set or the queue closes; dropping the
         // engine does not wait for it, `shutdown` does.
-        let worker = std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name(format!("inference-{}", files.name))
             .spawn(move || worker.run(jobs))
             .map_err(|e| InferenceError::Runtime(format!("could not start the worker thread: {e}")))?;
@@ -243,7 +243,7 @@ impl OnnxEngine {
             slots,
             shared,
             interrupt,
-            worker: Some(worker),
+            worker: Some(handle),
         })
     }
 
