@@ -21,18 +21,23 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def run_sizes(events: list[dict]) -> tuple[list[tuple[int, int]], list[int]]:
-    """The `model_run` spans (start, end) in time order and each one's size."""
-    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+def per_run(events: list[dict]) -> list[tuple[int, int, dict[str, float]]]:
+    """For each `model_run`, in time order: (its size, its wall time, µs per operator type)."""
+    runs = sorted((e["ts"], e["dur"]) for e in events if e.get("name") == "model_run")
     starts = [start for start, _ in runs]
     sizes = [0] * len(runs)
-    for e in sorted((e for e in events if e.get("cat") == "Node"), key=lambda e: e["ts"]):
-        i = bisect.bisect_right(starts, e["ts"]) - 1
-        if i < 0 or sizes[i] or e["args"].get("op_name") != "MatMulNBits":
+    first_seen = [math.inf] * len(runs)  # the run's earliest MatMulNBits sets its size
+    ops: list[dict[str, float]] = [defaultdict(float) for _ in runs]
+    for e in events:
+        i = bisect.bisect_right(starts, e["ts"]) - 1 if e.get("cat") == "Node" else -1
+        if i < 0:
             continue
-        shape = next(iter(e["args"]["input_type_shape"][0].values()))
-        sizes[i] = math.prod(shape[:-1])
-    return runs, sizes
+        op = e["args"].get("op_name", "?")
+        ops[i][op] += e["dur"]
+        if op == "MatMulNBits" and e["ts"] < first_seen[i]:
+            first_seen[i] = e["ts"]
+            sizes[i] = math.prod(next(iter(e["args"]["input_type_shape"][0].values()))[:-1])
+    return [(size, wall, dict(o)) for size, (_, wall), o in zip(sizes, runs, ops)]
 
 
 def main() -> int:
@@ -45,29 +50,30 @@ def main() -> int:
     except (OSError, ValueError) as e:
         print(f"{args.profile}: not a complete ONNX Runtime profile ({e})", file=sys.stderr)
         return 2
-    runs, sizes = run_sizes(events)
-    starts = [start for start, _ in runs]
-    per_op: dict[int, dict[str, float]] = {size: defaultdict(float) for size in args.sizes}
-    for e in events:
-        if e.get("cat") != "Node":
-            continue
-        i = bisect.bisect_right(starts, e["ts"]) - 1
-        if i >= 0 and sizes[i] in per_op:
-            per_op[sizes[i]][e["args"].get("op_name", "?")] += e["dur"]
-    counts = {size: sizes.count(size) for size in args.sizes}
-    wall = {size: sum(end - start for (start, end), s in zip(runs, sizes) if s == size) for size in args.sizes}
-    if not any(counts.values()):
-        print(f"no runs of sizes {args.sizes} (sizes present: {sorted(set(sizes))})", file=sys.stderr)
+    runs = per_run(events)
+    shown = [size for size in args.sizes if any(s == size for s, _, _ in runs)]
+    if not shown:
+        print(f"no runs of sizes {args.sizes} (sizes present: {sorted({s for s, _, _ in runs})})", file=sys.stderr)
         return 2
-    mean = {size: {op: t / counts[size] for op, t in ops.items()} for size, ops in per_op.items() if counts[size]}
-    shown = [size for size in args.sizes if counts[size]]
+    mean: dict[int, dict[str, float]] = {}
+    wall: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    for size in shown:
+        mine = [(w, o) for s, w, o in runs if s == size]
+        counts[size] = len(mine)
+        wall[size] = sum(w for w, _ in mine) / len(mine)
+        total: dict[str, float] = defaultdict(float)
+        for _, o in mine:
+            for op, t in o.items():
+                total[op] += t
+        mean[size] = {op: t / len(mine) for op, t in total.items()}
     ops = sorted({op for size in shown for op in mean[size]}, key=lambda op: -mean[shown[-1]].get(op, 0.0))
     print("| operator | " + " | ".join(f"size {s} (µs/run)" for s in shown) + " |")
     print("| --- | " + " | ".join("---" for _ in shown) + " |")
     for op in ops:
         print(f"| {op} | " + " | ".join(f"{mean[s].get(op, 0.0):.0f}" for s in shown) + " |")
     print("| all nodes | " + " | ".join(f"{sum(mean[s].values()):.0f}" for s in shown) + " |")
-    print("| run (wall) | " + " | ".join(f"{wall[s] / counts[s]:.0f}" for s in shown) + " |")
+    print("| run (wall) | " + " | ".join(f"{wall[s]:.0f}" for s in shown) + " |")
     print("| runs | " + " | ".join(str(counts[s]) for s in shown) + " |")
     return 0
 

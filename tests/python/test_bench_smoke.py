@@ -114,15 +114,20 @@ def test_graph_ab_refuses_a_position_below_one():
 ENGINE_BENCH = TARGET / "debug" / "engine-bench"
 
 
+def engine_bench(*extra: str) -> subprocess.CompletedProcess:
+    """engine-bench on the committed tiny fused model: one run of 6 tokens, one thread."""
+    require(ENGINE_BENCH, "build it with `cargo build -p streamgate-benches --bin engine-bench` (make test does)")
+    return subprocess.run(
+        [str(ENGINE_BENCH), "--model", str(TINY_FUSED), "--ort", str(ORT_LIB), "--prompt", "Hello there",
+         "--tokens", "6", "--runs", "1", "--threads", "1", *extra],
+        capture_output=True, text=True, timeout=120)
+
+
 def test_engine_bench_runs_identical_streams_together():
     """`engine-bench --streams 3` on the committed tiny fused model: the lone run and the three
     batched greedy streams of the same prompt make the same tokens each (batching changes no
     greedy result), and the record carries the aggregate rates."""
-    require(ENGINE_BENCH, "build it with `cargo build -p streamgate-benches --bin engine-bench` (make test does)")
-    done = subprocess.run(
-        [str(ENGINE_BENCH), "--model", str(TINY_FUSED), "--ort", str(ORT_LIB), "--prompt", "Hello there",
-         "--tokens", "6", "--runs", "1", "--threads", "1", "--streams", "3"],
-        capture_output=True, text=True, timeout=120)
+    done = engine_bench("--streams", "3")
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(records) == 1, done.stdout
@@ -157,11 +162,7 @@ def test_ort_profile_sums_an_engine_profile_per_operator(tmp_path):
     """`engine-bench --ort-profile` on the tiny fused model writes a complete ONNX Runtime profile
     (the engine waits for its sessions to close), and benches/python/ort_profile.py finds its
     one-row decode steps and sums them per operator; a cut-off profile is refused."""
-    require(ENGINE_BENCH, "build it with `cargo build -p streamgate-benches --bin engine-bench` (make test does)")
-    done = subprocess.run(
-        [str(ENGINE_BENCH), "--model", str(TINY_FUSED), "--ort", str(ORT_LIB), "--prompt", "Hello there",
-         "--tokens", "6", "--runs", "1", "--threads", "1", "--ort-profile", str(tmp_path / "tiny")],
-        capture_output=True, text=True, timeout=120)
+    done = engine_bench("--ort-profile", str(tmp_path / "tiny"))
     assert done.returncode == 0, done.stderr
     [profile] = list(tmp_path.glob("tiny*.json"))
     script = str(ROOT / "benches" / "python" / "ort_profile.py")

@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     slots: usize,
     /// Also run this many identical greedy streams at once (slots grow to match) and report their
-    /// aggregate tokens/s beside the lone stream's, both from submit to last token: the engine's
+    /// aggregate tokens/s beside the run's lone stream, both from submit to last token: the engine's
     /// batching without HTTP or a load generator on the same cores.
     #[arg(long, default_value_t = 1)]
     streams: usize,
@@ -61,28 +61,37 @@ struct Args {
     no_spinning: bool,
 }
 
-/// One greedy generation: (time to first token, decode tokens/s after it, tokens).
+/// The arrival time of each token of one greedy generation of `prompt`.
+async fn token_times(engine: &OnnxEngine, prompt: &str, max_tokens: usize) -> Result<Vec<Instant>, AnyError> {
+    let request = GenerationRequest::new(prompt, max_tokens, SamplingParams::default(), vec![])?;
+    let mut stream = engine.generate(request).await?;
+    let mut times = Vec::with_capacity(max_tokens);
+    while let Some(event) = stream.next().await {
+        if let GenerationEvent::Token { .. } = event? {
+            times.push(Instant::now());
+        }
+    }
+    Ok(times)
+}
+
+/// `count` events between `from` and `to`, per second (0 for an empty span).
+fn rate(count: usize, from: Instant, to: Instant) -> f64 {
+    let s = to.saturating_duration_since(from).as_secs_f64();
+    if s > 0.0 { count as f64 / s } else { 0.0 }
+}
+
+/// One greedy generation: (time to first token, decode tokens/s after it, tokens, tokens/s from
+/// submit to the last token).
 async fn measure(
     engine: &OnnxEngine,
     prompt: &str,
     max_tokens: usize,
-) -> Result<(f64, f64, usize), AnyError> {
-    let request = GenerationRequest::new(prompt, max_tokens, SamplingParams::default(), vec![])?;
+) -> Result<(f64, f64, usize, f64), AnyError> {
     let started = Instant::now();
-    let mut stream = engine.generate(request).await?;
-    let (mut first, mut last, mut tokens) = (None, started, 0usize);
-    while let Some(event) = stream.next().await {
-        if let GenerationEvent::Token { .. } = event? {
-            let now = Instant::now();
-            first.get_or_insert(now);
-            last = now;
-            tokens += 1;
-        }
-    }
-    let first = first.unwrap_or(last);
-    let decode_s = (last - first).as_secs_f64();
-    let decode = if decode_s > 0.0 { (tokens.saturating_sub(1)) as f64 / decode_s } else { 0.0 };
-    Ok(((first - started).as_secs_f64(), decode, tokens))
+    let times = token_times(engine, prompt, max_tokens).await?;
+    let (first, last) = (times.first().copied().unwrap_or(started), times.last().copied().unwrap_or(started));
+    let decode = rate(times.len().saturating_sub(1), first, last);
+    Ok(((first - started).as_secs_f64(), decode, times.len(), rate(times.len(), started, last)))
 }
 
 /// `n` greedy generations of `prompt` at once: (aggregate tokens/s from submit to the last token,
@@ -94,27 +103,13 @@ async fn measure_many(
     n: usize,
 ) -> Result<(f64, f64, usize), AnyError> {
     let started = Instant::now();
-    let runs = (0..n).map(|_| async {
-        let request = GenerationRequest::new(prompt, max_tokens, SamplingParams::default(), vec![])?;
-        let mut stream = engine.generate(request).await?;
-        let mut times = Vec::with_capacity(max_tokens);
-        while let Some(event) = stream.next().await {
-            if let GenerationEvent::Token { .. } = event? {
-                times.push(Instant::now());
-            }
-        }
-        Ok::<_, AnyError>(times)
-    });
-    let all = futures_util::future::try_join_all(runs).await?;
+    let all =
+        futures_util::future::try_join_all((0..n).map(|_| token_times(engine, prompt, max_tokens))).await?;
     let tokens: usize = all.iter().map(Vec::len).sum();
     let end = all.iter().filter_map(|t| t.last().copied()).max().unwrap_or(started);
     let all_started = all.iter().filter_map(|t| t.first().copied()).max().unwrap_or(end);
     let after = all.iter().flatten().filter(|&&t| t > all_started).count();
-    let rate = |count: usize, from: Instant| {
-        let s = (end - from).as_secs_f64();
-        if s > 0.0 { count as f64 / s } else { 0.0 }
-    };
-    Ok((rate(tokens, started), rate(after, all_started), tokens))
+    Ok((rate(tokens, started, end), rate(after, all_started, end), tokens))
 }
 
 /// Resident and peak resident memory of this process, in MiB (Linux; zeros elsewhere).
@@ -154,14 +149,13 @@ fn main() -> Result<(), AnyError> {
     // One warm-up run (ORT allocates its arenas on first use), then the measured ones.
     runtime.block_on(measure(&engine, &args.prompt, 4))?;
     for run in 1..=args.runs {
-        let (ttft, decode, tokens) = runtime.block_on(measure(&engine, &args.prompt, args.tokens))?;
+        let (ttft, decode, tokens, solo) = runtime.block_on(measure(&engine, &args.prompt, args.tokens))?;
         let mut record = serde_json::json!({
             "impl": "rust", "model": args.model.display().to_string(), "run": run,
             "ttft_ms": ttft * 1e3, "tokens": tokens, "decode_tok_s": decode,
             "slots": args.slots.max(args.streams), "batch_invariant": args.batch_invariant, "spinning": !args.no_spinning,
         });
         if args.streams > 1 {
-            let (solo, _, _) = runtime.block_on(measure_many(&engine, &args.prompt, args.tokens, 1))?;
             let (batched, batched_decode, batched_tokens) =
                 runtime.block_on(measure_many(&engine, &args.prompt, args.tokens, args.streams))?;
             record["streams"] = args.streams.into();
@@ -172,7 +166,7 @@ fn main() -> Result<(), AnyError> {
             record["aggregate_ratio"] = (if solo > 0.0 { batched / solo } else { 0.0 }).into();
         }
         if let Some((prompt, count)) = &long {
-            let (long_ttft, long_decode, _) = runtime.block_on(measure(&engine, prompt, 64))?;
+            let (long_ttft, long_decode, _, _) = runtime.block_on(measure(&engine, prompt, 64))?;
             let (rss, peak) = memory_mib();
             record["long_prompt_tokens"] = (*count).into();
             record["prefill_tok_s"] = (*count as f64 / long_ttft).into();
