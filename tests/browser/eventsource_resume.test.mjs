@@ -1,5 +1,5 @@
-// A browser's EventSource after a network blip: the chat page at `/` in real headless Chromium
-// streams a reply through a TCP proxy that cuts the connection after 5 events and sends every
+// A browser's EventSource after a cut: the chat page at `/` in real headless Chromium streams a
+// reply through a TCP proxy that ends the response and the connection after 5 events and sends every
 // later connection to the other replica (the two share a real Redis). EventSource reconnects by
 // itself with Last-Event-ID, and the page ends up with the whole reply, each event once.
 import { test } from "node:test";
@@ -26,7 +26,10 @@ function endOfEvent(text, n) {
 // stream request's Last-Event-ID and the X-Stream-Id of the first stream.
 async function cuttingProxy(a, b) {
   const seen = { streams: [], streamId: null, cut: false };
+  const clients = new Set();
   const server = createServer((client) => {
+    clients.add(client);
+    client.on("close", () => clients.delete(client));
     const target = new URL(seen.cut ? b : a);
     const upstream = connect(Number(target.port), target.hostname);
     let response = "";
@@ -64,13 +67,17 @@ async function cuttingProxy(a, b) {
         setTimeout(() => upstream.resume(), 60);
         return;
       }
-      // One TCP read can hold several events: the browser gets exactly the first CUT_AFTER.
+      // One TCP read can hold several events: the browser gets exactly the first CUT_AFTER, then
+      // the response's last chunk and the connection's end. (Destroying the socket instead raced
+      // with Chromium's reading: it sometimes dropped the last event, on a fast machine.)
+      // EventSource reconnects after a stream that ends as after one that fails.
       seen.cut = true;
       cutting = true;
-      client.write(chunk.subarray(0, end - before), () => {
-        client.destroy();
-        upstream.destroy();
-      });
+      upstream.destroy();
+      // The browser's idle keep-alive connections still lead to A: close them too, so that the
+      // reconnect takes a new connection, to B.
+      for (const other of clients) if (other !== client) other.end();
+      client.end(Buffer.concat([chunk.subarray(0, end - before), Buffer.from("0\r\n\r\n")]));
     });
     const close = () => { client.destroy(); upstream.destroy(); };
     client.on("error", close);
