@@ -134,7 +134,8 @@ bench-engine: setup reference-model $(VENV)/.llama-cpp-installed ## one stream: 
 	$(PY) benches/python/engine_table.py < target/bench/engine.jsonl
 
 tiny-model: venv ## regenerate the committed tiny test model (deterministic)
-	$(PY) scripts/model_prep/make_tiny_model.py $(TINY) --fused $(TINY_FUSED) --no-past-fixture models/fixtures/no-past
+	$(PY) scripts/model_prep/make_tiny_model.py $(TINY) --fused $(TINY_FUSED) --no-past-fixture models/fixtures/no-past \
+	  --attention-fixture models/fixtures/attention
 
 fmt: ## format the Rust code
 	cargo fmt --all

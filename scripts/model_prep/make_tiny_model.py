@@ -10,6 +10,10 @@ round to nearest), as a fused-layout graph (llama_fused.py): the tests' model of
 
 --no-past-fixture also writes a model that is valid ONNX but lacks the KV-cache inputs (an export
 without `-with-past`), for the test that the loader names what is missing.
+
+--attention-fixture also writes a graph of one GroupQueryAttention node with the fused layout's
+attributes and every tensor an input, for the test of streamgate's attention kernel against ONNX
+Runtime's (crates/inference/tests/attention.rs).
 """
 
 from __future__ import annotations
@@ -106,11 +110,43 @@ def write_no_past_fixture(out_dir: Path, tiny_dir: Path) -> None:
     shutil.copy(tiny_dir / "tokenizer.json", out_dir / "tokenizer.json")
 
 
+def write_attention_fixture(out_dir: Path) -> None:
+    """One GroupQueryAttention node as the fused graph has it (packed q/k/v, rotary fused and
+    interleaved, past and present in one buffer): 6 query heads on 2 key/value heads of 64."""
+    heads, kv_heads, hd = 6, 2, 64
+    width = (heads + 2 * kv_heads) * hd
+    f32, i32 = TensorProto.FLOAT, TensorProto.INT32
+    node = helper.make_node(
+        "GroupQueryAttention",
+        ["query", "", "", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+        ["output", "present_key", "present_value"], domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
+        scale=float(1.0 / np.sqrt(hd)), do_rotary=1, rotary_interleaved=1, local_window_size=-1)
+    cache = ["batch", kv_heads, "max_len", hd]
+    graph = helper.make_graph(
+        [node], "attention",
+        [helper.make_tensor_value_info("query", f32, ["batch", "seq", width]),
+         helper.make_tensor_value_info("past_key", f32, cache),
+         helper.make_tensor_value_info("past_value", f32, cache),
+         helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
+         helper.make_tensor_value_info("total_sequence_length", i32, []),
+         helper.make_tensor_value_info("cos_cache", f32, ["positions", hd // 2]),
+         helper.make_tensor_value_info("sin_cache", f32, ["positions", hd // 2])],
+        [helper.make_tensor_value_info("output", f32, ["batch", "seq", heads * hd]),
+         helper.make_tensor_value_info("present_key", f32, cache),
+         helper.make_tensor_value_info("present_value", f32, cache)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="streamgate fixture")
+    model.ir_version = 8
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(out_dir / "model.onnx"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--fused", type=Path)
     ap.add_argument("--no-past-fixture", type=Path)
+    ap.add_argument("--attention-fixture", type=Path)
     args = ap.parse_args()
     tok = train_tokenizer()
     cfg = LlamaConfig(**{**CFG.__dict__, "vocab_size": tok.get_vocab_size(with_added_tokens=True)})
@@ -127,6 +163,8 @@ def main() -> None:
         write_model_folder(args.fused, cfg, fused, tok, name="streamgate/tiny-llama-fused", mixed=mixed, **folder)
     if args.no_past_fixture:
         write_no_past_fixture(args.no_past_fixture, args.out_dir)
+    if args.attention_fixture:
+        write_attention_fixture(args.attention_fixture)
     print(f"wrote {args.out_dir} (vocab {cfg.vocab_size})")
 
 

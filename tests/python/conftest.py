@@ -35,9 +35,9 @@ def rust_dump():
     require(DUMP, "build it with `cargo build -p streamgate-inference --example reference_dump` (make test does)")
     require(ORT_LIB, "run `make setup`")
 
-    def run(model: Path, prompt: str, steps: int, texts: list[str] | None = None) -> dict:
+    def run(model: Path, prompt: str, steps: int, texts: list[str] | None = None, **extra) -> dict:
         request = {"model": str(model), "ort": str(ORT_LIB), "prompt": prompt, "steps": steps,
-                   "texts": texts or [], "threads": THREADS}
+                   "texts": texts or [], "threads": THREADS, **extra}
         done = subprocess.run([str(DUMP)], input=json.dumps(request), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)

@@ -113,13 +113,20 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 def teacher_forced(decoder: GreedyLoop, reference: np.ndarray, ids: list[int]) -> tuple[float, float]:
     """(top-1 agreement, mean KL(reference || decoder)) of `decoder` fed `ids` one token at a time,
     against `reference` logits ([len(ids), vocab], row i predicting token i + 1: `all_logits`)."""
-    past, agree, kl = decoder.empty_past(), 0, []
+    past, rows = decoder.empty_past(), []
     for i, token in enumerate(ids[:-1]):
         logits, past = decoder.forward([token], past, i)
-        p, q = log_softmax(reference[i]), log_softmax(logits)
-        kl.append(float((np.exp(p) * (p - q)).sum()))
-        agree += int(np.argmax(logits) == np.argmax(reference[i]))
-    return agree / (len(ids) - 1), float(np.mean(kl))
+        rows.append(logits)
+    return agreement_and_kl(np.stack(rows), reference)
+
+
+def agreement_and_kl(logits: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(reference || logits)) of logits rows against the first as many
+    reference rows."""
+    reference = reference[: len(logits)]
+    p, q = log_softmax(reference), log_softmax(logits)
+    kl = (np.exp(p) * (p - q)).sum(-1)
+    return float(np.mean(np.argmax(logits, -1) == np.argmax(reference, -1))), float(np.mean(kl))
 
 
 def decoder_for(model_dir: Path, threads: int):

@@ -19,7 +19,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from conftest import ROOT, SMOLLM2, SMOLLM2_FP32, THREADS, require
-from ort_reference import FusedDecoder, OrtDecoder, teacher_forced
+from ort_reference import FusedDecoder, OrtDecoder, agreement_and_kl, teacher_forced
 
 TEXT = ROOT / "tests" / "data" / "quality_text.txt"
 MIN_AGREEMENT = 0.97
@@ -43,15 +43,34 @@ def models():
     return FusedDecoder(SMOLLM2, THREADS), OrtDecoder(SMOLLM2_FP32, THREADS)
 
 
-def test_fused_graph_agrees_with_fp32_teacher_forced(models):
-    fused, fp32 = models
+@pytest.fixture(scope="module")
+def text_and_reference(models):
+    """The gate's token ids and the fp32 graph's logits for them (row i predicts token i + 1)."""
     ids = Tokenizer.from_file(str(SMOLLM2 / "tokenizer.json")).encode(TEXT.read_text(encoding="utf-8")).ids
     assert len(ids) >= 1000, "the gate needs at least 1,000 tokens of text"
-    reference = fp32.all_logits(ids)  # row i predicts token i + 1
-    agreement, mean_kl = teacher_forced(fused, reference, ids)
-    print(f"teacher-forced over {len(ids) - 1} tokens: agreement {agreement:.4f}, mean KL {mean_kl:.5f}")
-    assert agreement >= MIN_AGREEMENT, f"top-1 agreement {agreement:.4f} < {MIN_AGREEMENT}"
-    assert mean_kl <= MAX_MEAN_KL, f"mean KL {mean_kl:.5f} > {MAX_MEAN_KL}"
+    return ids, models[1].all_logits(ids)
+
+
+def check_gate(what: str, agreement: float, mean_kl: float, tokens: int) -> None:
+    print(f"{what}, teacher-forced over {tokens} tokens: agreement {agreement:.4f}, mean KL {mean_kl:.5f}")
+    assert agreement >= MIN_AGREEMENT, f"{what}: top-1 agreement {agreement:.4f} < {MIN_AGREEMENT}"
+    assert mean_kl <= MAX_MEAN_KL, f"{what}: mean KL {mean_kl:.5f} > {MAX_MEAN_KL}"
+
+
+def test_fused_graph_agrees_with_fp32_teacher_forced(models, text_and_reference):
+    """The graph on ONNX Runtime's own kernels (Python; what `--attention-kernel onnxruntime` serves)."""
+    ids, reference = text_and_reference
+    check_gate("ONNX Runtime", *teacher_forced(models[0], reference, ids), len(ids) - 1)
+
+
+def test_the_served_engine_agrees_with_fp32_teacher_forced(rust_dump, text_and_reference, tmp_path):
+    """The Rust engine as the gateway runs it by default: streamgate's attention kernel."""
+    ids, reference = text_and_reference
+    out = tmp_path / "logits.f32"
+    answer = rust_dump(SMOLLM2, "", 0, teacher_forced={"ids": ids, "out": str(out)})
+    assert answer["attention"].startswith("streamgate"), answer["attention"]
+    logits = np.fromfile(out, dtype="<f4").reshape(len(ids) - 1, -1)
+    check_gate(f"the engine ({answer['attention']})", *agreement_and_kl(logits, reference), len(ids) - 1)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -51,6 +51,10 @@ struct Args {
     /// The gateway's --batch-invariant (a lone stream decodes with a padding row).
     #[arg(long)]
     batch_invariant: bool,
+    /// Run attention on ONNX Runtime's `GroupQueryAttention` kernel (the gateway's
+    /// `--attention-kernel onnxruntime`) instead of streamgate's.
+    #[arg(long)]
+    ort_attention: bool,
     /// Write ONNX Runtime's per-node profile (Chrome trace JSON) to files named from this prefix
     /// (`benches/python/ort_profile.py` sums it per operator).
     #[arg(long)]
@@ -137,6 +141,7 @@ fn main() -> Result<(), AnyError> {
         prefix_cache_mb: 0,
         batch_invariant: args.batch_invariant,
         ort_profile: args.ort_profile.clone(),
+        own_attention: !args.ort_attention,
         ..EngineConfig::new(args.model.clone(), args.ort.clone())
     })?;
     let (loaded_rss, _) = memory_mib();
@@ -154,6 +159,7 @@ fn main() -> Result<(), AnyError> {
             "impl": "rust", "model": args.model.display().to_string(), "run": run,
             "ttft_ms": ttft * 1e3, "tokens": tokens, "decode_tok_s": decode,
             "slots": args.slots.max(args.streams), "batch_invariant": args.batch_invariant, "spinning": !args.no_spinning,
+            "attention": if args.ort_attention { "onnxruntime" } else { "streamgate" },
         });
         if args.streams > 1 {
             let (batched, batched_decode, batched_tokens) =

@@ -13,7 +13,7 @@ use streamgate_inference::{EngineConfig, Generator, MockConfig, MockEngine, Onnx
 
 use crate::app::create_app;
 use crate::model_registry::ModelRegistry;
-use crate::settings::{EngineKind, ModelSource, Settings};
+use crate::settings::{AttentionKernel, EngineKind, ModelSource, Settings};
 use crate::state::AppState;
 
 /// Load each `--model VERSION=DIR` on its own engine (worker thread + ORT session), and set up
@@ -62,6 +62,7 @@ pub fn load_models(settings: &Settings, logger: &Logger) -> Result<ModelRegistry
             prefill_pace: settings.prefill_pace,
             batch_invariant: settings.batch_invariant,
             mixed_steps: settings.mixed_steps,
+            own_attention: settings.attention_kernel == AttentionKernel::Streamgate,
             ort_profile: None,
         })
         .map_err(|e| format!("model version {}: {e}", spec.version))?;
@@ -69,6 +70,7 @@ pub fn load_models(settings: &Settings, logger: &Logger) -> Result<ModelRegistry
         info!(logger, "model loaded";
             "version" => &spec.version, "name" => &info.name, "path" => info.path.display().to_string(),
             "context_length" => info.context_length, "vocab_size" => info.vocab_size, "layout" => info.layout,
+            "attention" => info.attention,
             "ort_spinning" => settings.ort_spinning_enabled(), "load_ms" => started.elapsed().as_millis() as u64);
         registry.insert(spec.version.clone(), Arc::new(engine) as Arc<dyn Generator>);
     }

@@ -2,11 +2,16 @@
 //! tests/python/ to compare with ONNX Runtime's Python API, the `tokenizers` Python package and an
 //! independent numpy forward pass.
 //!
-//! Input (stdin, JSON): `{"model": DIR, "ort": LIB, "prompt": TEXT, "steps": N, "texts": [..], "threads": N}`
-//! Output (stdout, JSON): `{"prompt_ids", "first_logits", "greedy_ids", "finish_reason", "encodings"}`
+//! Input (stdin, JSON): `{"model": DIR, "ort": LIB, "prompt": TEXT, "steps": N, "texts": [..], "threads": N,
+//! "teacher_forced": {"ids": [..], "out": FILE}}` (`teacher_forced` optional)
+//! Output (stdout, JSON): `{"prompt_ids", "first_logits", "greedy_ids", "finish_reason", "encodings",
+//! "attention"}`
 //!
 //! `first_logits` come from `DecoderModel::forward` on the prompt; `greedy_ids` from the full
-//! engine (queue, worker, sampler at temperature 0), i.e. the path the gateway uses.
+//! engine (queue, worker, sampler at temperature 0), i.e. the path the gateway uses; an empty
+//! prompt skips both. `teacher_forced` feeds `ids` one at a time (the first as a prompt) and writes
+//! the logits after each but the last to `out`, `[ids.len() - 1, vocab]` little-endian f32, with the
+//! gateway's default attention kernel (`attention` names it).
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -32,6 +37,13 @@ struct Input {
     texts: Vec<String>,
     #[serde(default = "one")]
     threads: usize,
+    teacher_forced: Option<TeacherForced>,
+}
+
+#[derive(Deserialize)]
+struct TeacherForced {
+    ids: Vec<u32>,
+    out: PathBuf,
 }
 
 fn one() -> usize {
@@ -51,6 +63,48 @@ fn main() -> Result<(), AnyError> {
     let prompt_ids = tokenizer.encode(&input.prompt)?;
     let encodings = input.texts.iter().map(|t| tokenizer.encode(t)).collect::<Result<Vec<_>, _>>()?;
 
+    let mut attention = None;
+    if let Some(tf) = &input.teacher_forced {
+        let pool = PoolOptions {
+            slots: 1,
+            slot_len: tf.ids.len().max(1),
+            prefix_cache_bytes: 0,
+            batch_invariant: false,
+            mixed_steps: false,
+        };
+        let options = SessionOptions {
+            intra_threads: input.threads,
+            spinning: true,
+            profile: None,
+            pool,
+            own_attention: true,
+        };
+        let mut model = DecoderModel::load(&env, &files, &options)?;
+        attention = Some(model.attention());
+        let mut cache = model.new_cache()?.ok_or("no free KV slot")?;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&tf.out)?);
+        let rows = tf.ids.len().saturating_sub(1);
+        for (i, &id) in tf.ids[..rows].iter().enumerate() {
+            let logits = if i == 0 {
+                model.prefill(&[id], &mut cache)?
+            } else {
+                model.decode(&mut [&mut cache], &[id])?
+            };
+            for x in logits.iter() {
+                file.write_all(&x.to_le_bytes())?;
+            }
+        }
+        file.flush()?;
+    }
+    if prompt_ids.is_empty() {
+        let out =
+            serde_json::json!({ "prompt_ids": prompt_ids, "encodings": encodings, "attention": attention });
+        let mut stdout = std::io::stdout().lock();
+        serde_json::to_writer(&mut stdout, &out)?;
+        writeln!(stdout)?;
+        return Ok(());
+    }
+
     let first_logits = {
         let pool = PoolOptions {
             slots: 1,
@@ -59,7 +113,13 @@ fn main() -> Result<(), AnyError> {
             batch_invariant: false,
             mixed_steps: false,
         };
-        let options = SessionOptions { intra_threads: input.threads, spinning: true, profile: None, pool };
+        let options = SessionOptions {
+            intra_threads: input.threads,
+            spinning: true,
+            profile: None,
+            pool,
+            own_attention: true,
+        };
         let mut model = DecoderModel::load(&env, &files, &options)?;
         let mut cache = model.new_cache()?.ok_or("no free KV slot")?;
         model.prefill(&prompt_ids, &mut cache)?.to_vec()
@@ -92,6 +152,7 @@ fn main() -> Result<(), AnyError> {
         "greedy_ids": greedy_ids,
         "finish_reason": finish_reason,
         "encodings": encodings,
+        "attention": attention,
     });
     let mut stdout = std::io::stdout().lock();
     serde_json::to_writer(&mut stdout, &out)?;

@@ -156,6 +156,10 @@ pub struct ModelInfo {
     /// The ONNX graph layout (`fused` or `optimum`); `mock` for the mock engine; `openai` for a
     /// remote model server.
     pub layout: &'static str,
+    /// The kernel that runs attention ([`crate::model::DecoderModel::attention`]); `none`
+    /// without a local model.
+    #[serde(skip)]
+    pub attention: &'static str,
 }
 
 /// Counters of an engine, for health and metrics.

@@ -45,6 +45,7 @@ impl MockEngine {
                 loaded_at: SystemTime::now(),
                 engine: "mock",
                 layout: "mock",
+                attention: "none",
             },
             chat: ChatTemplate::new(None, None, None)?,
         })

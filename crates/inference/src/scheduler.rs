@@ -80,6 +80,10 @@ pub struct EngineConfig {
     /// Run decode rows and a prompt chunk in one forward pass where the model folder has the
     /// mixed-step graph (see [`PoolOptions::mixed_steps`]).
     pub mixed_steps: bool,
+    /// Run the fused graph's `GroupQueryAttention` nodes with this crate's kernel
+    /// ([`crate::model::attention`]: AVX-512 / AVX2 where the CPU has them) instead of ONNX
+    /// Runtime's; a graph it does not suit runs on ONNX Runtime's kernels anyway.
+    pub own_attention: bool,
     /// Write ONNX Runtime's per-node profile (Chrome trace JSON, one file per graph session,
     /// named from this prefix) when the engine stops: a development aid, it slows every step.
     pub ort_profile: Option<PathBuf>,
@@ -103,6 +107,7 @@ impl EngineConfig {
             batch_invariant: false,
             ort_profile: None,
             mixed_steps: false,
+            own_attention: true,
         }
     }
 }
@@ -192,6 +197,7 @@ impl OnnxEngine {
                 batch_invariant: config.batch_invariant,
                 mixed_steps: config.mixed_steps,
             },
+            own_attention: config.own_attention,
         };
         let model = DecoderModel::load(&env, &files, &options)?;
         let mut eos = files.eos_token_ids.clone();
@@ -204,6 +210,7 @@ impl OnnxEngine {
             loaded_at: SystemTime::now(),
             engine: "onnx",
             layout: model.layout().as_str(),
+            attention: model.attention(),
         };
         let chat = ChatTemplate::new(
             files.chat_template.as_deref(),

@@ -47,7 +47,8 @@ fn check_kv_cache_matches_full_recomputation(model_dir: &std::path::Path, layout
         batch_invariant: false,
         mixed_steps: true,
     };
-    let options = SessionOptions { intra_threads: 1, spinning: false, profile: None, pool };
+    let options =
+        SessionOptions { intra_threads: 1, spinning: false, profile: None, pool, own_attention: true };
     let mut model = DecoderModel::load(&env, &files, &options).expect("model");
     assert_eq!(model.layout(), layout);
     let new_cache = |model: &mut DecoderModel| model.new_cache().expect("cache").expect("a free slot");
@@ -111,7 +112,8 @@ fn prompts_set_aside_for_another_resume_exactly() {
         batch_invariant: false,
         mixed_steps: true,
     };
-    let options = SessionOptions { intra_threads: 1, spinning: false, profile: None, pool };
+    let options =
+        SessionOptions { intra_threads: 1, spinning: false, profile: None, pool, own_attention: true };
     let new_cache = |model: &mut DecoderModel| model.new_cache().expect("cache").expect("a free slot");
 
     // Alone, in a model of its own (so that nothing it leaves in its buffers can stand in for
@@ -178,7 +180,8 @@ fn a_mixed_step_gives_each_row_and_the_chunk_their_own_logits() {
         batch_invariant: false,
         mixed_steps: true,
     };
-    let options = SessionOptions { intra_threads: 1, spinning: false, profile: None, pool };
+    let options =
+        SessionOptions { intra_threads: 1, spinning: false, profile: None, pool, own_attention: true };
     let new_cache = |model: &mut DecoderModel| model.new_cache().expect("cache").expect("a free slot");
     let argmax = streamgate_inference::sampling::argmax;
 

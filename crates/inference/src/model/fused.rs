@@ -131,6 +131,8 @@ pub struct FusedModel {
     padding_row: Option<usize>,
     free: Vec<usize>,
     prefixes: PrefixCache,
+    /// [`super::DecoderModel::attention`].
+    pub(crate) attention: &'static str,
 }
 
 impl FusedModel {
@@ -178,6 +180,7 @@ impl FusedModel {
             free: (0..slots).rev().collect(),
             prefixes: PrefixCache::new(options.prefix_cache_bytes, MIN_PREFIX_TOKENS),
             shape,
+            attention: "onnxruntime",
         })
     }
 

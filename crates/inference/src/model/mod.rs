@@ -12,6 +12,7 @@
 //! [`DecoderModel`] and [`KvCache`] (prefill a chunk, decode a batch, release), so a new layout
 //! touches this module alone.
 
+pub mod attention;
 pub mod fused;
 mod graph;
 pub mod optimum;
@@ -58,6 +59,9 @@ pub struct SessionOptions {
     pub profile: Option<PathBuf>,
     /// The fused layout's KV pool (the Optimum layout allocates per sequence).
     pub pool: fused::PoolOptions,
+    /// Run `GroupQueryAttention` with this crate's kernel ([`attention`]) instead of ONNX
+    /// Runtime's.
+    pub own_attention: bool,
 }
 
 /// One sequence's attention cache: a pool row (fused) or its own tensors (Optimum).
@@ -96,16 +100,19 @@ impl DecoderModel {
         // The mixed-step graph has the same weights under the same names: one container of
         // prepacked weights lets kernels that support it share theirs.
         let prepacked = mixed_path.map(|_| PrepackedWeights::new());
-        let session = open_session(env, &path, options, prepacked.as_ref())?;
+        let (session, own_attention) = open_session(env, &path, options, prepacked.as_ref())?;
         let interrupt = Interrupt::new()?;
         let has_input = |name: &str| session.inputs().iter().any(|i| i.name() == name);
         if has_input("seqlens_k") {
             let mixed = match mixed_path {
-                Some(mixed) => Some(open_session(env, mixed, options, prepacked.as_ref())?),
+                // The same cache layout either way: a mixed-step session on the other kernel
+                // would only round differently.
+                Some(mixed) => Some(open_session(env, mixed, options, prepacked.as_ref())?.0),
                 None => None,
             };
-            fused::FusedModel::new(session, mixed, files, interrupt, &options.pool)
-                .map(|m| Self::Fused(Box::new(m)))
+            let mut model = fused::FusedModel::new(session, mixed, files, interrupt, &options.pool)?;
+            model.attention = if own_attention { attention::Simd::detected().label() } else { "onnxruntime" };
+            Ok(Self::Fused(Box::new(model)))
         } else if has_input("attention_mask") {
             optimum::OptimumModel::new(session, files, interrupt).map(Self::Optimum)
         } else {
@@ -124,6 +131,15 @@ impl DecoderModel {
         match self {
             Self::Fused(_) => Layout::Fused,
             Self::Optimum(_) => Layout::Optimum,
+        }
+    }
+
+    /// The kernel that runs the graph's attention: `streamgate-avx512`, `streamgate-avx2`,
+    /// `streamgate-portable` ([`attention`]) or `onnxruntime`.
+    pub fn attention(&self) -> &'static str {
+        match self {
+            Self::Fused(m) => m.attention,
+            Self::Optimum(_) => "onnxruntime",
         }
     }
 
@@ -237,12 +253,31 @@ impl DecoderModel {
 }
 
 /// One graph's session with the engine's settings; `prepacked` shares prepacked weights between
-/// sessions of graphs with the same initializers.
+/// sessions of graphs with the same initializers; the flag says whether it runs this crate's
+/// attention kernel. With [`SessionOptions::own_attention`] the
+/// session first gets this crate's `GroupQueryAttention` kernel; a graph it does not suit (other
+/// attention attributes, or `com.microsoft` ops that the optimizer adds and our domain hides, as
+/// in an Optimum export) is opened again with ONNX Runtime's kernels alone.
 fn open_session(
     env: &Environment,
     path: &Path,
     options: &SessionOptions,
     prepacked: Option<&PrepackedWeights>,
+) -> Result<(Session, bool)> {
+    if options.own_attention
+        && let Ok(session) = build_session(env, path, options, prepacked, true)
+    {
+        return Ok((session, true));
+    }
+    Ok((build_session(env, path, options, prepacked, false)?, false))
+}
+
+fn build_session(
+    env: &Environment,
+    path: &Path,
+    options: &SessionOptions,
+    prepacked: Option<&PrepackedWeights>,
+    own_attention: bool,
 ) -> Result<Session> {
     let mut builder = Session::builder(env)
         .map_err(InferenceError::runtime)?
@@ -254,6 +289,10 @@ fn open_session(
         .map_err(InferenceError::runtime)?;
     if let Some(prefix) = &options.profile {
         builder = builder.with_profiling(prefix).map_err(InferenceError::runtime)?;
+    }
+    if own_attention {
+        let domain = attention::domain().map_err(InferenceError::runtime)?;
+        builder = builder.with_operators(domain).map_err(InferenceError::runtime)?;
     }
     if let Some(weights) = prepacked {
         builder = builder.with_prepacked_weights(weights).map_err(InferenceError::runtime)?;

@@ -204,6 +204,7 @@ impl UpstreamEngine {
             loaded_at: SystemTime::now(),
             engine: "upstream",
             layout: "openai",
+            attention: "none",
         };
         let shared = Shared {
             client,
