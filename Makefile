@@ -117,7 +117,7 @@ $(VENV)/.llama-cpp-installed: | $(VENV)/.installed
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --find-links $(CACHE)/wheels $(LLAMA_CPP_PYTHON)
 	touch $@
 
-bench-engine: setup reference-model $(VENV)/.llama-cpp-installed ## one stream: the fused engine, the fp32 graph and llama.cpp on the same GGUF
+bench-engine: setup reference-model $(VENV)/.llama-cpp-installed ## one stream: the fused engine (both attention kernels), the fp32 graph and llama.cpp on the same GGUF
 	cargo build --release --quiet -p streamgate-benches --bin engine-bench
 	@mkdir -p target/bench
 	@prompt=$$(printf '$(BENCH_PROMPT)'); : > target/bench/engine.jsonl; \
@@ -126,6 +126,8 @@ bench-engine: setup reference-model $(VENV)/.llama-cpp-installed ## one stream: 
 	  for model in $(SMOLLM2) $(SMOLLM2_FP32); do \
 	    target/release/engine-bench --model $$model --ort $(ORT_LIB) --prompt "$$prompt" $$long >> target/bench/engine.jsonl; \
 	  done; \
+	  target/release/engine-bench --model $(SMOLLM2) --ort $(ORT_LIB) --prompt "$$prompt" $$long --ort-attention \
+	    >> target/bench/engine.jsonl; \
 	  target/release/engine-bench --model $(SMOLLM2) --ort $(ORT_LIB) --prompt "$$prompt" $$long --slots 8 --batch-invariant \
 	    >> target/bench/engine.jsonl; \
 	  $(PY) benches/python/llama_cpp_bench.py --gguf $(GGUF) --prompt "$$prompt" $$long >> target/bench/engine.jsonl \

@@ -1,4 +1,5 @@
-"""Tabulate `make bench-engine`: engine-bench (the fused default model and the fp32 graph) and
+"""Tabulate `make bench-engine`: engine-bench (the fused default model on streamgate's attention
+kernel and on ONNX Runtime's, and the fp32 graph) and
 llama_cpp_bench.py (llama.cpp on the same GGUF) JSON lines, as medians and ratios to llama.cpp.
 
 A round whose llama.cpp run failed (the Makefile writes `{"impl": "llama.cpp", "error": ...}`; seen: a
@@ -23,6 +24,7 @@ for line in sys.stdin:
         engine = "llama.cpp (GGUF)" if r["impl"] == "llama.cpp" else (
             "streamgate, fp32 graph" if name.endswith("-fp32") else
             "streamgate, fused graph, --batch-invariant" if r.get("batch_invariant") else
+            "streamgate, fused graph, --attention-kernel onnxruntime" if r.get("attention") == "onnxruntime" else
             "streamgate, fused graph (default)")
         rows[engine].append(r)
 
@@ -32,8 +34,8 @@ def med(rs, key):
     return statistics.median(values) if values else float("nan")
 
 
-order = ["streamgate, fused graph (default)", "streamgate, fused graph, --batch-invariant", "streamgate, fp32 graph",
-         "llama.cpp (GGUF)"]
+order = ["streamgate, fused graph (default)", "streamgate, fused graph, --attention-kernel onnxruntime",
+         "streamgate, fused graph, --batch-invariant", "streamgate, fp32 graph", "llama.cpp (GGUF)"]
 print("| engine | runs | TTFT (ms) | decode (tok/s) | prefill 2,000 tokens (tok/s) | decode at position 2,000 (tok/s) "
       "| at 2,000 / at start | RSS loaded / after (MiB) |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -50,7 +52,7 @@ if base:
     print()
     print("| engine | decode vs llama.cpp | prefill vs llama.cpp | TTFT llama.cpp / engine |")
     print("| --- | --- | --- | --- |")
-    for engine in order[:3]:
+    for engine in order[:-1]:
         rs = rows.get(engine)
         if rs:
             print(f"| {engine} | {med(rs, 'decode_tok_s') / med(base, 'decode_tok_s'):.2f}x | "

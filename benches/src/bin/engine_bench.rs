@@ -159,7 +159,7 @@ fn main() -> Result<(), AnyError> {
             "impl": "rust", "model": args.model.display().to_string(), "run": run,
             "ttft_ms": ttft * 1e3, "tokens": tokens, "decode_tok_s": decode,
             "slots": args.slots.max(args.streams), "batch_invariant": args.batch_invariant, "spinning": !args.no_spinning,
-            "attention": if args.ort_attention { "onnxruntime" } else { "streamgate" },
+            "attention": engine.info().attention,
         });
         if args.streams > 1 {
             let (batched, batched_decode, batched_tokens) =
