@@ -717,7 +717,6 @@ mod avx512 {
 
     const HD: usize = 64;
     const CHUNKS: usize = HD / 16;
-    const BLOCK: usize = 32;
 
     #[target_feature(enable = "avx512f,avx2,fma")]
     fn load(x: &[f32; 16]) -> __m512 {
@@ -752,76 +751,73 @@ mod avx512 {
         group: usize,
         partial: &mut Partial,
     ) {
-        let len = (keys.len() / HD).min(SPAN);
-        let group = group.min(MAX_GROUP);
-        if len == 0 {
-            *partial = Partial { acc: vec![0.0; group * HD], ..Partial::default() };
-            return;
-        }
-        let mut q = [[_mm512_setzero_ps(); CHUNKS]; MAX_GROUP];
-        for (qg, x) in q.iter_mut().zip(qs.chunks_exact(HD)).take(group) {
-            *qg = row(x);
-        }
-        let blocks = len.div_ceil(8);
         if scores.is_none() {
             *scores = Some([[_mm256_setzero_ps(); SPAN / 8]; MAX_GROUP]);
         }
         let Some(scores) = scores.as_mut() else { return };
+        // A copy per group size, so that a query head's accumulators are registers.
+        match group {
+            1 => group_span::<1>(scores, qs, keys, values, partial),
+            2 => group_span::<2>(scores, qs, keys, values, partial),
+            3 => group_span::<3>(scores, qs, keys, values, partial),
+            4 => group_span::<4>(scores, qs, keys, values, partial),
+            5 => group_span::<5>(scores, qs, keys, values, partial),
+            6 => group_span::<6>(scores, qs, keys, values, partial),
+            7 => group_span::<7>(scores, qs, keys, values, partial),
+            _ => group_span::<MAX_GROUP>(scores, qs, keys, values, partial),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn group_span<const G: usize>(
+        scores: &mut Scores,
+        qs: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        partial: &mut Partial,
+    ) {
+        let len = (keys.len() / HD).min(SPAN);
+        if len == 0 {
+            *partial = Partial { acc: vec![0.0; G * HD], ..Partial::default() };
+            return;
+        }
+        let mut q = [[_mm512_setzero_ps(); CHUNKS]; G];
+        for (qg, x) in q.iter_mut().zip(qs.chunks_exact(HD)) {
+            *qg = row(x);
+        }
+        let blocks = len.div_ceil(8);
         let zero_row = [0f32; HD];
         for b in 0..blocks {
-            let mut k = [[_mm512_setzero_ps(); CHUNKS]; 8];
-            for (p, kp) in k.iter_mut().enumerate() {
+            let mut acc = [[_mm256_setzero_ps(); 8]; G];
+            for p in 0..8 {
                 let t = b * 8 + p;
-                *kp = row(if t < len { &keys[t * HD..][..HD] } else { &zero_row });
-            }
-            for g in 0..group {
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for (a, kp) in acc.iter_mut().zip(&k) {
-                    let mut s = _mm512_mul_ps(q[g][0], kp[0]);
+                let k = row(if t < len { &keys[t * HD..][..HD] } else { &zero_row });
+                for g in 0..G {
+                    let mut s = _mm512_mul_ps(q[g][0], k[0]);
                     for c in 1..CHUNKS {
-                        s = _mm512_fmadd_ps(q[g][c], kp[c], s);
+                        s = _mm512_fmadd_ps(q[g][c], k[c], s);
                     }
-                    *a = fold(s);
+                    acc[g][p] = fold(s);
                 }
-                scores[g][b] = reduce8(&acc);
+            }
+            for g in 0..G {
+                scores[g][b] = reduce8(&acc[g]);
             }
         }
-        softmax(scores, len, group, partial);
-        let mut acc = [[_mm512_setzero_ps(); CHUNKS]; MAX_GROUP];
-        let mut start = 0;
-        while start < len {
-            let end = (start + BLOCK).min(len);
-            for g in 0..group {
-                // Two sets of accumulators, for even and odd positions: 8 independent chains of
-                // multiply-adds keep both FMA units busy (one set of 4 waits on their latency).
-                let (mut even, mut odd) = (acc[g], [_mm512_setzero_ps(); CHUNKS]);
-                let mut t = start;
-                while t + 1 < end {
-                    let p0 = _mm512_broadcastss_ps(_mm256_castps256_ps128(weight(&scores[g], t)));
-                    let p1 = _mm512_broadcastss_ps(_mm256_castps256_ps128(weight(&scores[g], t + 1)));
-                    let v0 = row(&values[t * HD..][..HD]);
-                    let v1 = row(&values[(t + 1) * HD..][..HD]);
-                    for c in 0..CHUNKS {
-                        even[c] = _mm512_fmadd_ps(p0, v0[c], even[c]);
-                        odd[c] = _mm512_fmadd_ps(p1, v1[c], odd[c]);
-                    }
-                    t += 2;
-                }
-                if t < end {
-                    let p = _mm512_broadcastss_ps(_mm256_castps256_ps128(weight(&scores[g], t)));
-                    let v = row(&values[t * HD..][..HD]);
-                    for c in 0..CHUNKS {
-                        even[c] = _mm512_fmadd_ps(p, v[c], even[c]);
-                    }
-                }
+        softmax(scores, len, G, partial);
+        // Each value row is read once for every query head: G x 4 independent accumulators.
+        let mut acc = [[_mm512_setzero_ps(); CHUNKS]; G];
+        for t in 0..len {
+            let v = row(&values[t * HD..][..HD]);
+            for g in 0..G {
+                let p = _mm512_broadcastss_ps(_mm256_castps256_ps128(weight(&scores[g], t)));
                 for c in 0..CHUNKS {
-                    acc[g][c] = _mm512_add_ps(even[c], odd[c]);
+                    acc[g][c] = _mm512_fmadd_ps(p, v[c], acc[g][c]);
                 }
             }
-            start = end;
         }
         partial.acc.clear();
-        for a in &acc[..group] {
+        for a in &acc {
             for v in a {
                 partial.acc.extend_from_slice(&lanes(_mm512_castps512_ps256(*v)));
                 let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*v)));
@@ -938,7 +934,7 @@ mod tests {
     /// against softmax attention in f64, at lengths that are and are not multiples of 8.
     #[test]
     fn a_span_matches_softmax_attention_in_f64() {
-        for (hd, group) in [(64, 3), (64, 1), (48, 4)] {
+        for (hd, group) in [(64, 3), (64, 1), (64, 8), (48, 4)] {
             for len in [1, 7, 8, 300, SPAN] {
                 for simd in
                     [Simd::Portable, Simd::Avx2, Simd::Avx512].into_iter().filter(|s| *s <= Simd::detected())
