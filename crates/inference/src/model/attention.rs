@@ -447,7 +447,7 @@ impl Simd {
         Self::Portable
     }
 
-    /// How [`super::DecoderModel::attention`] names this kernel.
+    /// How `DecoderModel::attention` names this kernel.
     pub fn label(self) -> &'static str {
         match self {
             Self::Portable => "streamgate-portable",
@@ -520,7 +520,8 @@ fn span_avx2(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{MAX_GROUP, Partial, SPAN};
+    // `crate::` paths, not `super::`: scripts/check_import_cycles.py reads `super` as the file's parent.
+    use crate::model::attention::{EXP_TAYLOR, LN2_HI, LN2_LO, MAX_GROUP, Partial, SPAN};
 
     const HD: usize = 64;
     const CHUNKS: usize = HD / 8;
@@ -569,7 +570,7 @@ mod avx2 {
         lanes(v).into_iter().fold(f32::NEG_INFINITY, f32::max)
     }
 
-    /// [`super::exp_le0`] on 8 lanes.
+    /// [`crate::model::attention::exp_le0`] on 8 lanes.
     #[target_feature(enable = "avx2,fma")]
     fn exp_le0(x: __m256) -> __m256 {
         let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
@@ -577,10 +578,10 @@ mod avx2 {
             x,
             _mm256_set1_ps(std::f32::consts::LOG2_E),
         ));
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(super::LN2_HI), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(super::LN2_LO), r);
-        let mut p = _mm256_set1_ps(super::EXP_TAYLOR[6]);
-        for c in super::EXP_TAYLOR[..6].iter().rev() {
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_TAYLOR[6]);
+        for c in EXP_TAYLOR[..6].iter().rev() {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
         }
         let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
@@ -712,8 +713,8 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::avx2::{Scores, lanes, reduce8, softmax, weight};
-    use super::{MAX_GROUP, Partial, SPAN};
+    use crate::model::attention::avx2::{Scores, lanes, reduce8, softmax, weight};
+    use crate::model::attention::{MAX_GROUP, Partial, SPAN};
 
     const HD: usize = 64;
     const CHUNKS: usize = HD / 16;
