@@ -3,7 +3,7 @@
 //! independent numpy forward pass.
 //!
 //! Input (stdin, JSON): `{"model": DIR, "ort": LIB, "prompt": TEXT, "steps": N, "texts": [..], "threads": N,
-//! "teacher_forced": {"ids": [..], "out": FILE}}` (`teacher_forced` optional)
+//! "teacher_forced": {"ids": [..], "out": FILE}, "ort_attention": BOOL}` (the last two optional)
 //! Output (stdout, JSON): `{"prompt_ids", "first_logits", "greedy_ids", "finish_reason", "encodings",
 //! "attention"}`
 //!
@@ -11,7 +11,9 @@
 //! engine (queue, worker, sampler at temperature 0), i.e. the path the gateway uses; an empty
 //! prompt skips both. `teacher_forced` feeds `ids` one at a time (the first as a prompt) and writes
 //! the logits after each but the last to `out`, `[ids.len() - 1, vocab]` little-endian f32, with the
-//! gateway's default attention kernel (`attention` names it).
+//! gateway's default attention kernel (`attention` names it). `ort_attention` runs everything on
+//! ONNX Runtime's `GroupQueryAttention` kernel instead (`--attention-kernel onnxruntime`): the
+//! same arithmetic as ONNX Runtime's Python API, for the tests that compare the two exactly.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -38,6 +40,8 @@ struct Input {
     #[serde(default = "one")]
     threads: usize,
     teacher_forced: Option<TeacherForced>,
+    #[serde(default)]
+    ort_attention: bool,
 }
 
 #[derive(Deserialize)]
@@ -77,7 +81,7 @@ fn main() -> Result<(), AnyError> {
             spinning: true,
             profile: None,
             pool,
-            own_attention: true,
+            own_attention: !input.ort_attention,
         };
         let mut model = DecoderModel::load(&env, &files, &options)?;
         attention = Some(model.attention());
@@ -118,7 +122,7 @@ fn main() -> Result<(), AnyError> {
             spinning: true,
             profile: None,
             pool,
-            own_attention: true,
+            own_attention: !input.ort_attention,
         };
         let mut model = DecoderModel::load(&env, &files, &options)?;
         let mut cache = model.new_cache()?.ok_or("no free KV slot")?;
@@ -127,6 +131,7 @@ fn main() -> Result<(), AnyError> {
 
     let engine = OnnxEngine::start(&EngineConfig {
         intra_threads: input.threads,
+        own_attention: !input.ort_attention,
         ..EngineConfig::new(input.model.clone(), input.ort.clone())
     })?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
