@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,14 @@ class Gateway:
 
     def request_logs(self, path: str) -> list:
         return [r for r in self.logs if r.get("msg") == "request" and r.get("path") == path]
+
+    def awaited_request_logs(self, path: str, wait_s: float = 5.0) -> list:
+        """`request_logs`, once there is one: the gateway writes a request's line after the response
+        went out, and a thread reads it from the pipe, so a client can be faster than both."""
+        deadline = time.monotonic() + wait_s
+        while not (lines := self.request_logs(path)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return lines
 
     def stop(self) -> None:
         self.proc.kill()

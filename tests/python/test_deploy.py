@@ -234,12 +234,8 @@ def test_a_stream_through_nginx_arrives_token_by_token_from_the_forwarded_client
     assert events[-1] == "[DONE]"
     assert len([e for e in events if e.startswith('{"index"')]) == 48
 
-    for _ in range(100):
-        lines = server.request_logs("/api/v1/inference/stream")
-        if lines:
-            break
-        time.sleep(0.05)
-    assert lines[0]["client"] == "127.0.0.2", "the gateway logs and limits the address nginx forwarded"
+    lines = server.awaited_request_logs("/api/v1/inference/stream")
+    assert lines and lines[0]["client"] == "127.0.0.2", "the gateway logs and limits the address nginx forwarded"
     assert lines[0]["request_id"] == "through-nginx-1"
 
 
@@ -292,7 +288,7 @@ def test_two_replicas_behind_the_shipped_nginx_share_one_quota_and_every_stream(
             with shipped_nginx(compose_upstreams(a.address, b.address)) as port:
                 statuses = [get(port, "/api/v1/models").status for _ in range(8)]
                 assert statuses == [200] * 6 + [429] * 2, statuses
-                assert a.request_logs("/api/v1/models") and b.request_logs("/api/v1/models"), \
+                assert a.awaited_request_logs("/api/v1/models") and b.awaited_request_logs("/api/v1/models"), \
                     "nginx spread the requests over both replicas, and they counted one quota"
 
                 query = "/api/v1/inference/stream?prompt=Once+upon+a+time&max_tokens=16&temperature=0"
