@@ -67,23 +67,28 @@ fn main() -> Result<(), AnyError> {
     let prompt_ids = tokenizer.encode(&input.prompt)?;
     let encodings = input.texts.iter().map(|t| tokenizer.encode(t)).collect::<Result<Vec<_>, _>>()?;
 
-    let mut attention = None;
-    if let Some(tf) = &input.teacher_forced {
+    // One sequence's model on its own, `slot_len` positions.
+    let load_model = |slot_len: usize| {
         let pool = PoolOptions {
             slots: 1,
-            slot_len: tf.ids.len().max(1),
+            slot_len,
             prefix_cache_bytes: 0,
             batch_invariant: false,
             mixed_steps: false,
         };
+        let own_attention = !input.ort_attention;
         let options = SessionOptions {
             intra_threads: input.threads,
             spinning: true,
             profile: None,
             pool,
-            own_attention: !input.ort_attention,
+            own_attention,
         };
-        let mut model = DecoderModel::load(&env, &files, &options)?;
+        DecoderModel::load(&env, &files, &options)
+    };
+    let mut attention = None;
+    if let Some(tf) = &input.teacher_forced {
+        let mut model = load_model(tf.ids.len().max(1))?;
         attention = Some(model.attention());
         let mut cache = model.new_cache()?.ok_or("no free KV slot")?;
         let mut file = std::io::BufWriter::new(std::fs::File::create(&tf.out)?);
@@ -110,21 +115,7 @@ fn main() -> Result<(), AnyError> {
     }
 
     let first_logits = {
-        let pool = PoolOptions {
-            slots: 1,
-            slot_len: prompt_ids.len(),
-            prefix_cache_bytes: 0,
-            batch_invariant: false,
-            mixed_steps: false,
-        };
-        let options = SessionOptions {
-            intra_threads: input.threads,
-            spinning: true,
-            profile: None,
-            pool,
-            own_attention: !input.ort_attention,
-        };
-        let mut model = DecoderModel::load(&env, &files, &options)?;
+        let mut model = load_model(prompt_ids.len())?;
         let mut cache = model.new_cache()?.ok_or("no free KV slot")?;
         model.prefill(&prompt_ids, &mut cache)?.to_vec()
     };
